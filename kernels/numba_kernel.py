@@ -1,0 +1,192 @@
+"""CPU backend: Numba kernels over every (panorama, view, output row), in two parallel passes.
+
+1. Project: for each distinct (pitch, roll, fov, size) the longitude, latitude and angular
+   footprint of every output pixel. Yaw is the outermost rotation, so every view of a ring, and
+   every panorama, shares one projection shifted in longitude: ring8 computes it once, not 8 * M
+   times. Bytes: 4 float64 per output pixel per distinct shape, written once.
+2. Filter: each output pixel reads the panorama pixels under its box once per channel (uint8, in
+   place, any strides) and writes 3 values. Nothing is padded, copied or converted to float.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, typed, types
+
+_PANO_TYPE = types.Array(types.uint8, 3, "A")  # any strides: panoramas are read where they lie
+_TWO_PI = 2.0 * math.pi
+_TAN_PI_8 = 0.41421356237309503
+
+
+@njit(cache=True, fastmath=True)
+def atan2(y, x):
+    """Branch-free atan2 (Cephes atanf's polynomial on |t| <= tan(pi/8)), max error 1e-8 rad.
+
+    Free of branches, so the projection loop vectorises; libm's atan2 does not. The Triton kernel
+    uses the same polynomial.
+    """
+    abs_x, abs_y = abs(x), abs(y)
+    a = min(abs_x, abs_y) / max(max(abs_x, abs_y), 1e-30)
+    big = a > _TAN_PI_8
+    t = (a - 1.0) / (a + 1.0) if big else a
+    z = t * t
+    r = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * t + t
+    r += 0.25 * math.pi if big else 0.0
+    r = 0.5 * math.pi - r if abs_y > abs_x else r
+    r = math.pi - r if x < 0.0 else r
+    return -r if y < 0.0 else r
+
+
+@njit(cache=True, fastmath=True)
+def footprint(d0, d1, d2, dc0, dc1, dc2, dr0, dr1, dr2):
+    """Angular box widths (longitude, latitude) of one output pixel, from the analytic Jacobian.
+
+    d is the pixel's ray, (dc*, dr*) its change per output column and per output row. Each width
+    is the root-sum-square of the pixel's two edge vectors along that axis: the marginal spread of
+    its footprint. On the pole itself every longitude is under the pixel.
+    """
+    rho2 = d0 * d0 + d2 * d2
+    norm2 = rho2 + d1 * d1
+    if rho2 <= 1e-12 * norm2:
+        box_lon = _TWO_PI
+    else:
+        lon_c = (d2 * dc0 - d0 * dc2) / rho2
+        lon_r = (d2 * dr0 - d0 * dr2) / rho2
+        box_lon = math.sqrt(lon_c * lon_c + lon_r * lon_r)
+    rho = math.sqrt(rho2)
+    lat_c = (rho2 * dc1 - d1 * (d0 * dc0 + d2 * dc2)) / (rho * norm2 + 1e-30)
+    lat_r = (rho2 * dr1 - d1 * (d0 * dr0 + d2 * dr2)) / (rho * norm2 + 1e-30)
+    return box_lon, math.sqrt(lat_c * lat_c + lat_r * lat_r)
+
+
+@njit(cache=True, fastmath=True)
+def bilinear(pano, x, y):
+    """Bilinear interpolation at (x, y), x in [0, W): the box filter's one-pixel case, unrolled."""
+    pano_h, pano_w = pano.shape[0], pano.shape[1]
+    half = pano_w // 2
+    x, y = x - 0.5, y - 0.5  # to pixel-centre coordinates
+    c0, r0 = math.floor(x), math.floor(y)
+    fx, fy = x - c0, y - r0
+    c0 = c0 + pano_w if c0 < 0 else c0
+    c1 = c0 + 1 if c0 + 1 < pano_w else 0
+    r1 = r0 + 1
+    top0, top1, bottom0, bottom1 = c0, c1, c0, c1
+    if r0 < 0:  # past the north pole: the same row on the opposite meridian
+        r0 = 0
+        top0, top1 = (c0 + half) % pano_w, (c1 + half) % pano_w
+    if r1 >= pano_h:
+        r1 = pano_h - 1
+        bottom0, bottom1 = (c0 + half) % pano_w, (c1 + half) % pano_w
+    w00, w01 = (1.0 - fx) * (1.0 - fy), fx * (1.0 - fy)
+    w10, w11 = (1.0 - fx) * fy, fx * fy
+    v0 = w00 * pano[r0, top0, 0] + w01 * pano[r0, top1, 0] + w10 * pano[r1, bottom0, 0] + w11 * pano[r1, bottom1, 0]
+    v1 = w00 * pano[r0, top0, 1] + w01 * pano[r0, top1, 1] + w10 * pano[r1, bottom0, 1] + w11 * pano[r1, bottom1, 1]
+    v2 = w00 * pano[r0, top0, 2] + w01 * pano[r0, top1, 2] + w10 * pano[r1, bottom0, 2] + w11 * pano[r1, bottom1, 2]
+    return v0, v1, v2
+
+
+@njit(cache=True, fastmath=True)
+def box_filter(pano, x, y, box_x, box_y):
+    """Mean of the piecewise-constant panorama over [x -+ box_x/2] x [y -+ box_y/2], x in [0, W).
+
+    With a one-pixel box this equals bilinear interpolation. Columns wrap; rows past a pole read
+    the same latitude on the opposite meridian (row reflected, columns shifted by W/2).
+    """
+    pano_h, pano_w = pano.shape[0], pano.shape[1]
+    lo_x, hi_x = x - 0.5 * box_x, x + 0.5 * box_x
+    lo_y, hi_y = y - 0.5 * box_y, y + 0.5 * box_y
+    c_first = math.floor(lo_x)
+    count = math.ceil(hi_x) - c_first
+    acc0 = acc1 = acc2 = 0.0
+    for r in range(math.floor(lo_y), math.ceil(hi_y)):
+        weight_r = min(r + 1.0, hi_y) - max(r * 1.0, lo_y)
+        row, shift = r, 0
+        if r < 0:
+            row, shift = -1 - r, pano_w // 2
+        elif r >= pano_h:
+            row, shift = 2 * pano_h - 1 - r, pano_w // 2
+        col = (c_first + shift) % pano_w
+        row0 = row1 = row2 = 0.0
+        for c in range(c_first, c_first + count):
+            weight_c = min(c + 1.0, hi_x) - max(c * 1.0, lo_x)
+            row0 += weight_c * pano[row, col, 0]
+            row1 += weight_c * pano[row, col, 1]
+            row2 += weight_c * pano[row, col, 2]
+            col = col + 1 if col + 1 < pano_w else 0
+        acc0 += weight_r * row0
+        acc1 += weight_r * row1
+        acc2 += weight_r * row2
+    inv_area = 1.0 / (box_x * box_y)
+    return acc0 * inv_area, acc1 * inv_area, acc2 * inv_area
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _project_kernel(shapes, height, width, antialias, grid):
+    """grid[u] = (lon, lat, box_lon, box_lat) in radians for every pixel of shape u, yaw 0."""
+    for job in prange(shapes.shape[0] * height):
+        u, i = job // height, job % height
+        p = shapes[u]
+        tan_x, tan_y = p[9], p[10]
+        cam_y = (1.0 - (i + 0.5) * 2.0 / height) * tan_y
+        for j in range(width):  # straight-line arithmetic: LLVM vectorises this loop
+            cam_x = ((j + 0.5) * 2.0 / width - 1.0) * tan_x
+            d0 = p[0] * cam_x + p[1] * cam_y + p[2]
+            d1 = p[3] * cam_x + p[4] * cam_y + p[5]
+            d2 = p[6] * cam_x + p[7] * cam_y + p[8]
+            grid[u, 0, i, j] = atan2(d0, d2)
+            grid[u, 1, i, j] = atan2(d1, math.sqrt(d0 * d0 + d2 * d2))
+        if not antialias:
+            continue
+        step_x, step_y = 2.0 * tan_x / width, -2.0 * tan_y / height
+        for j in range(width):
+            cam_x = ((j + 0.5) * 2.0 / width - 1.0) * tan_x
+            grid[u, 2, i, j], grid[u, 3, i, j] = footprint(
+                p[0] * cam_x + p[1] * cam_y + p[2],
+                p[3] * cam_x + p[4] * cam_y + p[5],
+                p[6] * cam_x + p[7] * cam_y + p[8],
+                p[0] * step_x, p[3] * step_x, p[6] * step_x,
+                p[1] * step_y, p[4] * step_y, p[7] * step_y,
+            )
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out, antialias, to_uint8):
+    """out[m, n] = the panorama m filtered under view n's projection, shifted by its yaw."""
+    n_panos, n_views, height, width = len(panos), shape_index.shape[0], out.shape[3], out.shape[4]
+    for job in prange(n_panos * n_views * height):
+        m = job // (n_views * height)
+        n = (job // height) % n_views
+        i = job % height
+        pano = panos[m]
+        pano_h, pano_w = pano.shape[0], pano.shape[1]
+        g = grid[shape_index[n]]
+        x_per_rad, y_per_rad = pano_w / _TWO_PI, pano_h / math.pi
+        shift = (yaw[n] + yaw_offsets[m]) * x_per_rad + 0.5 * pano_w
+        for j in range(width):
+            x = g[0, i, j] * x_per_rad + shift
+            x -= math.floor(x / pano_w) * pano_w
+            y = (0.5 - g[1, i, j] / math.pi) * pano_h
+            box_x = min(max(g[2, i, j] * x_per_rad, 1.0), pano_w) if antialias else 1.0
+            box_y = min(max(g[3, i, j] * y_per_rad, 1.0), pano_h) if antialias else 1.0
+            if box_x == 1.0 and box_y == 1.0:
+                values = bilinear(pano, x, y)
+            else:
+                values = box_filter(pano, x, y, box_x, box_y)
+            for c in range(3):
+                value = values[c] * scale[c] + bias[c]
+                if to_uint8:
+                    value = min(max(math.floor(value + 0.5), 0.0), 255.0)
+                out[m, n, c, i, j] = value
+
+
+def reproject_numba(panos, shapes, shape_index, yaw, yaw_offsets, scale, bias, out: np.ndarray, antialias: bool):
+    """Fill ``out`` (M, N, 3, h, w), any strides, float32 or uint8, from uint8 (H, W, 3) panoramas."""
+    pano_list = typed.List.empty_list(_PANO_TYPE)
+    for pano in panos:
+        pano_list.append(pano)
+    height, width = out.shape[3], out.shape[4]
+    grid = np.empty((len(shapes), 4, height, width))
+    _project_kernel(shapes, height, width, antialias, grid)
+    _filter_kernel(pano_list, grid, shape_index, yaw, yaw_offsets, scale, bias, out, antialias, out.dtype == np.uint8)
