@@ -19,24 +19,28 @@ Conventions, shared with py360convert and ``DESIGN.md``:
   the same latitude on the opposite meridian (row reflected, columns shifted by W/2). No padded
   copy of the panorama is ever made.
 
-Filtering. Each output pixel is the mean of the panorama, taken as piecewise constant, over a box
-centred on the pixel's projection. Its widths along X and Y come from the projection's analytic
-Jacobian: the root-sum-square of the pixel's two edge vectors along each axis (the marginal spread
-of its footprint), clamped to at least one panorama pixel. With a one-pixel box the filter is
-exactly bilinear interpolation, so ``antialias=False`` is the same kernel with the box fixed at one
-pixel, and ``antialias=True`` moves smoothly from bilinear (magnification) to area averaging
-(minification), much as ``cv2.INTER_AREA`` does for plain resizes. We chose this over:
+Filtering. Each output pixel's footprint on the panorama is measured from the projection's
+analytic Jacobian: along each panorama axis, the root-sum-square of the pixel's two edge vectors
+(the footprint's marginal spread), in panorama pixels. A footprint of at most one pixel is sampled
+bilinearly, and ``antialias=False`` always does that. A wider one is filtered with a separable
+tent (triangle) of half-width footprint/sqrt(2), integrated exactly over each source pixel (the
+panorama taken as piecewise constant). That half-width gives the tent, together with the pixel's
+own box, the same variance as bilinear at a one-pixel footprint, so blur grows continuously with
+minification. We chose this over:
 
-* a mip pyramid: it must be built and stored per panorama (a copy, which this engine never makes),
-  is isotropic while the equirectangular footprint is stretched by 1/cos(latitude), and blurs
-  across pyramid levels;
+* a mip pyramid: it must be built and stored per panorama (a copy, which this engine never
+  makes), it is isotropic while the equirectangular footprint stretches by 1/cos(latitude), and it
+  blurs across pyramid levels;
 * adaptive supersampling with bilinear taps: it reads each source pixel about four times per
-  channel instead of once, for the same box.
+  channel for the same support;
+* a box (area) filter: cheaper by half, but its response to fine patterns ripples as 1/width. A
+  one-pixel checkerboard through a 4096-wide panorama at 90 degrees into 224 px comes out up to
+  12 levels off grey with a box, and under 1 level with the tent.
 
-The box is axis-aligned in the panorama, so a footprint rotated by roll or near a pole is
-approximated by a box of the same marginal spread, which neither aliases nor overblurs by more than
-a fraction of an output pixel. The cost is proportional to the footprint's area: every source pixel
-under a view is read about once per channel, the least a correct filter can read.
+The filter is axis-aligned in the panorama, so a footprint turned by roll or near a pole is
+approximated by one of the same marginal spread, which neither aliases nor blurs by more than a
+fraction of an output pixel. Its cost is proportional to the footprint's area: every source pixel
+under a view is read a small constant number of times.
 """
 
 from .geometry import CLIP_MEAN, CLIP_STD, ViewSpec

@@ -4,7 +4,7 @@
    footprint of every output pixel. Yaw is the outermost rotation, so every view of a ring, and
    every panorama, shares one projection shifted in longitude: ring8 computes it once, not 8 * M
    times. Bytes: 4 float64 per output pixel per distinct shape, written once.
-2. Filter: each output pixel reads the panorama pixels under its box once per channel (uint8, in
+2. Filter: each output pixel reads the panorama pixels under its tent once per channel (uint8, in
    place, any strides) and writes 3 values. Nothing is padded, copied or converted to float.
 """
 
@@ -15,9 +15,12 @@ import math
 import numpy as np
 from numba import njit, prange, typed, types
 
-_PANO_TYPE = types.Array(types.uint8, 3, "A")  # any strides: panoramas are read where they lie
+# Panoramas are read where they lie: C-contiguous ones get a specialisation that knows the pixel
+# stride, any other strides the general one.
+_PANO_TYPES = {True: types.Array(types.uint8, 3, "C"), False: types.Array(types.uint8, 3, "A")}
 _TWO_PI = 2.0 * math.pi
 _TAN_PI_8 = 0.41421356237309503
+_SQRT_HALF = math.sqrt(0.5)
 
 
 @njit(cache=True, fastmath=True)
@@ -63,7 +66,7 @@ def footprint(d0, d1, d2, dc0, dc1, dc2, dr0, dr1, dr2):
 
 @njit(cache=True, fastmath=True)
 def bilinear(pano, x, y):
-    """Bilinear interpolation at (x, y), x in [0, W): the box filter's one-pixel case, unrolled."""
+    """Bilinear interpolation at (x, y), x in [0, W): the filter for footprints of one pixel or less."""
     pano_h, pano_w = pano.shape[0], pano.shape[1]
     half = pano_w // 2
     x, y = x - 0.5, y - 0.5  # to pixel-centre coordinates
@@ -88,20 +91,40 @@ def bilinear(pano, x, y):
 
 
 @njit(cache=True, fastmath=True)
-def box_filter(pano, x, y, box_x, box_y):
-    """Mean of the piecewise-constant panorama over [x -+ box_x/2] x [y -+ box_y/2], x in [0, W).
+def tent_cdf(u):
+    """Integral of the unit-half-width tent (triangle) filter from -1 to u."""
+    if u <= -1.0:
+        return 0.0
+    if u <= 0.0:
+        return 0.5 * (1.0 + u) * (1.0 + u)
+    if u < 1.0:
+        return 1.0 - 0.5 * (1.0 - u) * (1.0 - u)
+    return 1.0
 
-    With a one-pixel box this equals bilinear interpolation. Columns wrap; rows past a pole read
-    the same latitude on the opposite meridian (row reflected, columns shifted by W/2).
+
+@njit(cache=True, fastmath=True)
+def tent_filter(pano, x, y, half_x, half_y, col_weights):
+    """Separable tent filter of half-widths (half_x, half_y) over the piecewise-constant panorama.
+
+    Each weight is the tent's integral over one source pixel, so every pixel under the footprint
+    counts by its coverage. Column weights are computed once into ``col_weights`` (scratch of at
+    least W + 2) and reused for every row. Columns wrap; rows past a pole read the same latitude on
+    the opposite meridian (row reflected, columns shifted by W/2).
     """
     pano_h, pano_w = pano.shape[0], pano.shape[1]
-    lo_x, hi_x = x - 0.5 * box_x, x + 0.5 * box_x
-    lo_y, hi_y = y - 0.5 * box_y, y + 0.5 * box_y
-    c_first = math.floor(lo_x)
-    count = math.ceil(hi_x) - c_first
-    acc0 = acc1 = acc2 = 0.0
-    for r in range(math.floor(lo_y), math.ceil(hi_y)):
-        weight_r = min(r + 1.0, hi_y) - max(r * 1.0, lo_y)
+    c_first = math.floor(x - half_x)
+    count = math.ceil(x + half_x) - c_first
+    inv_x, inv_y = 1.0 / half_x, 1.0 / half_y
+    cdf = 0.0
+    for k in range(count):
+        next_cdf = tent_cdf((c_first + k + 1.0 - x) * inv_x)
+        col_weights[k] = next_cdf - cdf
+        cdf = next_cdf
+    acc0 = acc1 = acc2 = cdf = 0.0
+    for r in range(math.floor(y - half_y), math.ceil(y + half_y)):
+        next_cdf = tent_cdf((r + 1.0 - y) * inv_y)
+        weight_r = next_cdf - cdf
+        cdf = next_cdf
         row, shift = r, 0
         if r < 0:
             row, shift = -1 - r, pano_w // 2
@@ -109,17 +132,37 @@ def box_filter(pano, x, y, box_x, box_y):
             row, shift = 2 * pano_h - 1 - r, pano_w // 2
         col = (c_first + shift) % pano_w
         row0 = row1 = row2 = 0.0
-        for c in range(c_first, c_first + count):
-            weight_c = min(c + 1.0, hi_x) - max(c * 1.0, lo_x)
-            row0 += weight_c * pano[row, col, 0]
-            row1 += weight_c * pano[row, col, 1]
-            row2 += weight_c * pano[row, col, 2]
-            col = col + 1 if col + 1 < pano_w else 0
+        if col + count <= pano_w:
+            # The common case: one contiguous run with no wrap to test, taken two taps at a time so
+            # that six independent sums hide the latency of each multiply-add.
+            odd0 = odd1 = odd2 = 0.0
+            for k in range(0, count - 1, 2):
+                w_even, w_odd = col_weights[k], col_weights[k + 1]
+                row0 += w_even * pano[row, col + k, 0]
+                row1 += w_even * pano[row, col + k, 1]
+                row2 += w_even * pano[row, col + k, 2]
+                odd0 += w_odd * pano[row, col + k + 1, 0]
+                odd1 += w_odd * pano[row, col + k + 1, 1]
+                odd2 += w_odd * pano[row, col + k + 1, 2]
+            if count % 2:
+                last = count - 1
+                row0 += col_weights[last] * pano[row, col + last, 0]
+                row1 += col_weights[last] * pano[row, col + last, 1]
+                row2 += col_weights[last] * pano[row, col + last, 2]
+            row0 += odd0
+            row1 += odd1
+            row2 += odd2
+        else:
+            for k in range(count):
+                weight_c = col_weights[k]
+                row0 += weight_c * pano[row, col, 0]
+                row1 += weight_c * pano[row, col, 1]
+                row2 += weight_c * pano[row, col, 2]
+                col = col + 1 if col + 1 < pano_w else 0
         acc0 += weight_r * row0
         acc1 += weight_r * row1
         acc2 += weight_r * row2
-    inv_area = 1.0 / (box_x * box_y)
-    return acc0 * inv_area, acc1 * inv_area, acc2 * inv_area
+    return acc0, acc1, acc2
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -164,16 +207,19 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
         g = grid[shape_index[n]]
         x_per_rad, y_per_rad = pano_w / _TWO_PI, pano_h / math.pi
         shift = (yaw[n] + yaw_offsets[m]) * x_per_rad + 0.5 * pano_w
+        col_weights = np.empty(pano_w + 2 if antialias else 0)
         for j in range(width):
             x = g[0, i, j] * x_per_rad + shift
             x -= math.floor(x / pano_w) * pano_w
             y = (0.5 - g[1, i, j] / math.pi) * pano_h
-            box_x = min(max(g[2, i, j] * x_per_rad, 1.0), pano_w) if antialias else 1.0
-            box_y = min(max(g[3, i, j] * y_per_rad, 1.0), pano_h) if antialias else 1.0
-            if box_x == 1.0 and box_y == 1.0:
+            footprint_x = g[2, i, j] * x_per_rad if antialias else 1.0
+            footprint_y = g[3, i, j] * y_per_rad if antialias else 1.0
+            if footprint_x <= 1.0 and footprint_y <= 1.0:
                 values = bilinear(pano, x, y)
-            else:
-                values = box_filter(pano, x, y, box_x, box_y)
+            else:  # tent half-width footprint/sqrt(2), capped at half the panorama
+                half_x = min(max(footprint_x, 1.0) * _SQRT_HALF, 0.5 * pano_w)
+                half_y = min(max(footprint_y, 1.0) * _SQRT_HALF, 0.5 * pano_h)
+                values = tent_filter(pano, x, y, half_x, half_y, col_weights)
             for c in range(3):
                 value = values[c] * scale[c] + bias[c]
                 if to_uint8:
@@ -183,7 +229,7 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
 
 def reproject_numba(panos, shapes, shape_index, yaw, yaw_offsets, scale, bias, out: np.ndarray, antialias: bool):
     """Fill ``out`` (M, N, 3, h, w), any strides, float32 or uint8, from uint8 (H, W, 3) panoramas."""
-    pano_list = typed.List.empty_list(_PANO_TYPE)
+    pano_list = typed.List.empty_list(_PANO_TYPES[all(p.flags.c_contiguous for p in panos)])
     for pano in panos:
         pano_list.append(pano)
     height, width = out.shape[3], out.shape[4]

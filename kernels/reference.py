@@ -29,20 +29,37 @@ def project(view: ViewSpec, rows, cols, yaw_offset: float, pano_h: int, pano_w: 
     return (lon / (2 * math.pi) + 0.5) * pano_w, (0.5 - lat / math.pi) * pano_h
 
 
-def box_weights(center: float, width: float) -> tuple[int, np.ndarray]:
-    """First pixel index and normalised weights of a box [center - width/2, center + width/2] over unit pixels."""
-    lo, hi = center - width / 2, center + width / 2
-    first, last = math.floor(lo), math.ceil(hi)
-    idx = np.arange(first, last)
-    overlap = np.minimum(idx + 1, hi) - np.maximum(idx, lo)
-    return first, overlap / overlap.sum()
+def tent_cdf(u):
+    """Integral of the unit-half-width tent (triangle) filter from -1 to u."""
+    u = np.clip(u, -1.0, 1.0)
+    return np.where(u <= 0.0, 0.5 * (1.0 + u) ** 2, 1.0 - 0.5 * (1.0 - u) ** 2)
 
 
-def filter_at(pano: np.ndarray, x: float, y: float, box_x: float, box_y: float) -> np.ndarray:
-    """Box-filter the piecewise-constant panorama over the box centred at (x, y)."""
+def bilinear_weights(center: float) -> tuple[int, np.ndarray]:
+    """First pixel index and the two linear-interpolation weights along one axis (centres at +0.5)."""
+    first = math.floor(center - 0.5)
+    frac = center - 0.5 - first
+    return first, np.array([1.0 - frac, frac])
+
+
+def tent_weights(center: float, footprint: float) -> tuple[int, np.ndarray]:
+    """First pixel index and weights of a tent of half-width footprint/sqrt(2), integrated per pixel.
+
+    Its variance (with the pixel's own box) equals bilinear's at footprint 1 and grows with it.
+    """
+    half = footprint / math.sqrt(2.0)
+    first, end = math.floor(center - half), math.ceil(center + half)
+    edges = np.arange(first, end + 1, dtype=np.float64)
+    return first, np.diff(tent_cdf((edges - center) / half))
+
+
+def filter_at(pano: np.ndarray, x: float, y: float, footprint_x: float, footprint_y: float) -> np.ndarray:
+    """Filter the piecewise-constant panorama at (x, y): bilinear, or a tent over a wider footprint."""
     pano_h, pano_w = pano.shape[:2]
-    first_col, col_w = box_weights(x, box_x)
-    first_row, row_w = box_weights(y, box_y)
+    if footprint_x <= 1.0 and footprint_y <= 1.0:
+        (first_col, col_w), (first_row, row_w) = bilinear_weights(x), bilinear_weights(y)
+    else:
+        (first_col, col_w), (first_row, row_w) = tent_weights(x, footprint_x), tent_weights(y, footprint_y)
     value = np.zeros(3)
     for dr, wr in enumerate(row_w):
         row, shift = first_row + dr, 0
@@ -67,7 +84,7 @@ def reproject_reference(pano: np.ndarray, views: list[ViewSpec], antialias: bool
             return project(view, rows + dr, cols + dc, yaw_offset, pano_h, pano_w)
 
         x, y = at(0.0, 0.0)
-        box_x, box_y = np.ones_like(x), np.ones_like(y)
+        footprint_x, footprint_y = np.ones_like(x), np.ones_like(y)
         if antialias:
             eps = 1e-4
             (xr1, yr1), (xr0, yr0) = at(eps, 0.0), at(-eps, 0.0)
@@ -76,11 +93,13 @@ def reproject_reference(pano: np.ndarray, views: list[ViewSpec], antialias: bool
             dx_dr = (np.mod(xr1 - xr0 + pano_w / 2, pano_w) - pano_w / 2) / (2 * eps)
             dx_dc = (np.mod(xc1 - xc0 + pano_w / 2, pano_w) - pano_w / 2) / (2 * eps)
             dy_dr, dy_dc = (yr1 - yr0) / (2 * eps), (yc1 - yc0) / (2 * eps)
-            box_x = np.clip(np.hypot(dx_dr, dx_dc), 1.0, pano_w)
-            box_y = np.clip(np.hypot(dy_dr, dy_dc), 1.0, pano_h)
+            # Footprint widths: root-sum-square of the pixel's edge vectors along each axis, capped
+            # so the tent spans at most the whole panorama.
+            footprint_x = np.clip(np.hypot(dx_dr, dx_dc), 1.0, pano_w / math.sqrt(2.0))
+            footprint_y = np.clip(np.hypot(dy_dr, dy_dc), 1.0, pano_h / math.sqrt(2.0))
         view_out = np.empty((3, h, w))
         for i in range(h):
             for j in range(w):
-                view_out[:, i, j] = filter_at(pano, x[i, j], y[i, j], box_x[i, j], box_y[i, j])
+                view_out[:, i, j] = filter_at(pano, x[i, j], y[i, j], footprint_x[i, j], footprint_y[i, j])
         out.append(view_out)
     return np.stack(out)
