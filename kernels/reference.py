@@ -80,7 +80,7 @@ def reproject_reference(pano: np.ndarray, views: list[ViewSpec], antialias: bool
         h, w = view.height, view.width
         rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
 
-        def at(dr, dc):
+        def at(dr, dc, view=view, rows=rows, cols=cols):
             return project(view, rows + dr, cols + dc, yaw_offset, pano_h, pano_w)
 
         x, y = at(0.0, 0.0)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _atan2(y, x):
     """Branch-free atan2: Cephes atanf's polynomial on |t| <= tan(pi/8) (max error ~1e-7 rad)."""

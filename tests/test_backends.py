@@ -42,7 +42,7 @@ def poisoned_empty(monkeypatch):
 
 def reference(panos, views, yaw_offsets, antialias):
     return np.stack(
-        [reproject_reference(p, views, antialias=antialias, yaw_offset=off) / 255 for p, off in zip(panos, yaw_offsets)]
+        [reproject_reference(p, views, antialias=antialias, yaw_offset=off) / 255 for p, off in zip(panos, yaw_offsets, strict=True)]
     )
 
 
@@ -68,7 +68,7 @@ def test_numba_and_triton_match_the_reference(monkeypatch, seed, antialias):
 @pytest.mark.parametrize("backend", ["numba", "triton"])
 def test_nhwc_layout_and_dtypes_are_the_same_values(monkeypatch, backend):
     device = "cpu" if backend == "numba" else TRITON_DEVICE
-    panos, views, yaw_offsets = random_case(2)
+    panos, views, _ = random_case(2)
     batch = torch.from_numpy(np.stack([panos[0], panos[0][:, ::-1]])).to(device)  # a stacked (M, H, W, 3) input
     poisoned_empty(monkeypatch)
     nchw = reproject(batch, views, backend=backend).cpu()

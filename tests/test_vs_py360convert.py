@@ -20,7 +20,7 @@ def test_matches_py360convert(request, image_name, fov):
     pano = request.getfixturevalue(image_name)
     views = [ViewSpec(yaw=yaw, pitch=pitch, fov=fov, width=SIZE, height=SIZE) for yaw, pitch in ANGLES]
     ours = reproject(torch.from_numpy(pano)[None], views, antialias=False, layout="NHWC")[0].numpy() * 255
-    for view, our_view in zip(views, ours):
+    for view, our_view in zip(views, ours, strict=True):
         theirs = py360convert.e2p(pano, py360convert_fov(fov, SIZE), view.yaw, view.pitch, (SIZE, SIZE), mode="bilinear")
         error = np.abs(our_view - theirs.astype(np.float64)).mean()
         assert error <= 1.0, f"{image_name} {view}: mean |ours - py360convert| = {error:.3f} levels"

@@ -1,0 +1,110 @@
+"""View-set presets: named lists of ``kernels.ViewSpec`` that cut a panorama into perspective views.
+
+    from engine.views import view_set
+    views = view_set("ring8")                 # 8 x ViewSpec(yaw=0, 45, ..., 315; pitch 0; fov 90; 224x224)
+    views = view_set("cube6", size=512)
+    views = view_set([{"yaw": 30, "pitch": 10}, ViewSpec(yaw=-30)])
+
+Angles are degrees and follow py360convert's orientation (see ``DESIGN.md``): yaw 0 looks at the
+panorama's centre column, positive yaw turns right, positive pitch looks up. Every preset uses a 90°
+horizontal fov (edge to edge) and square views.
+
+The module imports ``kernels`` (and with it torch) only when views are built, so the CLI can list the
+presets in ``--help`` without loading torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kernels import ViewSpec
+
+DEFAULT_SIZE = 224
+_UP, _DOWN = 90.0, -90.0
+
+
+def _views(directions: Sequence[tuple[float, float]], size: int, fov: float = 90.0) -> list[ViewSpec]:
+    from kernels import ViewSpec
+
+    return [ViewSpec(yaw=yaw, pitch=pitch, fov=fov, width=size, height=size) for yaw, pitch in directions]
+
+
+def ring8(size: int = DEFAULT_SIZE) -> list[ViewSpec]:
+    """Eight horizontal views, yaw 0, 45, ..., 315, pitch 0, fov 90."""
+    return _views([(float(yaw), 0.0) for yaw in range(0, 360, 45)], size)
+
+
+def ring4(size: int = DEFAULT_SIZE) -> list[ViewSpec]:
+    """Four horizontal views, yaw 0, 90, 180, 270, pitch 0, fov 90."""
+    return _views([(float(yaw), 0.0) for yaw in range(0, 360, 90)], size)
+
+
+def cube6(size: int = DEFAULT_SIZE) -> list[ViewSpec]:
+    """The six faces of a cube map: front, right, back, left (yaw 0, 90, 180, 270), then up and down; fov 90."""
+    return _views([(0.0, 0.0), (90.0, 0.0), (180.0, 0.0), (270.0, 0.0), (0.0, _UP), (0.0, _DOWN)], size)
+
+
+def gsv6(size: int = DEFAULT_SIZE) -> list[ViewSpec]:
+    """Street View's pattern: headings 0, 90, 180, 270 at pitch 0, then pitch +90 (up) and -90 (down); fov 90.
+
+    Geometrically the same six views as ``cube6``; the name is there for people who know the layout
+    from Street View's heading/pitch requests.
+    """
+    return _views([(0.0, 0.0), (90.0, 0.0), (180.0, 0.0), (270.0, 0.0), (0.0, _UP), (0.0, _DOWN)], size)
+
+
+PRESETS: dict[str, Callable[[int], list[ViewSpec]]] = {"ring8": ring8, "ring4": ring4, "cube6": cube6, "gsv6": gsv6}
+
+
+def describe_presets() -> dict[str, str]:
+    """Preset name -> one-line description (the first line of its docstring)."""
+    return {name: (fn.__doc__ or "").strip().splitlines()[0].rstrip(".") for name, fn in PRESETS.items()}
+
+
+def view_set(name_or_list: str | Sequence[ViewSpec | Mapping], size: int = DEFAULT_SIZE, *, fov: float | None = None) -> list[ViewSpec]:
+    """A list of ``ViewSpec``: a preset by name, or an explicit list of ``ViewSpec`` and/or dicts.
+
+    ``size`` is the width and height of a preset's views, and the default width/height of a dict that
+    gives none; a ``ViewSpec`` in a list is taken as it is. ``fov``, when given, replaces every view's
+    fov (degrees, horizontal, edge to edge). Raises ``ValueError`` for an unknown preset (listing the
+    presets), an empty list, or a view the ``ViewSpec`` rules reject.
+    """
+    from kernels import ViewSpec
+
+    if isinstance(name_or_list, str):
+        if name_or_list not in PRESETS:
+            raise ValueError(f"unknown view set {name_or_list!r}; presets are: {', '.join(PRESETS)}")
+        _check_size(size)
+        views = PRESETS[name_or_list](size)
+    elif isinstance(name_or_list, Sequence):
+        views = []
+        for index, item in enumerate(name_or_list):
+            if isinstance(item, ViewSpec):
+                views.append(item)
+            elif isinstance(item, Mapping):
+                _check_size(size)
+                fields = {"width": size, "height": size, **item}
+                unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ViewSpec)})
+                if unknown:
+                    raise ValueError(f"view {index}: unknown field(s) {unknown}; a view has yaw, pitch, roll, fov, width, height")
+                try:
+                    views.append(ViewSpec(**fields))
+                except ValueError as exc:
+                    raise ValueError(f"view {index}: {exc}") from exc
+            else:
+                raise ValueError(f"view {index}: expected a ViewSpec or a dict, got {type(item).__name__}")
+        if not views:
+            raise ValueError("the view list is empty: give at least one view")
+    else:
+        raise ValueError(f"expected a preset name ({', '.join(PRESETS)}) or a list of views, got {type(name_or_list).__name__}")
+    if fov is not None:
+        views = [dataclasses.replace(view, fov=fov) for view in views]  # ViewSpec re-validates fov
+    return views
+
+
+def _check_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int of pixels, got {size!r}")

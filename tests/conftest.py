@@ -1,0 +1,64 @@
+"""Shared test helpers and fixtures.
+
+The real panoramas live outside the repository, in ``<root>/shared/panoramas`` next to the checkout
+at ``<root>/main`` (see ``../shared/panoramas/SOURCES.md``); they are never copied in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# Without CUDA, the Triton kernel runs in Triton's CPU interpreter (slow: tests keep its inputs small).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if TRITON_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PANORAMAS = Path(__file__).resolve().parents[2] / "shared" / "panoramas"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def panoramas_dir() -> Path:
+    """The shared panoramas directory, ``<root>/shared/panoramas`` (``axes.png``, ``louvre.jpg``, ...)."""
+    if not PANORAMAS.is_dir():
+        pytest.fail(f"shared panoramas not found at {PANORAMAS}: the repo must sit at <root>/main next to <root>/shared")
+    return PANORAMAS
+
+
+@pytest.fixture(scope="session")
+def axes(panoramas_dir) -> np.ndarray:
+    """``axes.png``, the labelled cube-face orientation panorama, as uint8 (512, 1024, 3)."""
+    return _load(panoramas_dir, "axes.png")
+
+
+def _load(panoramas_dir: Path, name: str) -> np.ndarray:
+    with Image.open(panoramas_dir / name) as im:
+        return np.array(im.convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def louvre(panoramas_dir) -> np.ndarray:
+    """``louvre.jpg`` as uint8 (2048, 4096, 3)."""
+    return _load(panoramas_dir, "louvre.jpg")
+
+
+@pytest.fixture(scope="session")
+def jordan_pond(panoramas_dir) -> np.ndarray:
+    """``jordan-pond.jpg`` as uint8 (2048, 4096, 3)."""
+    return _load(panoramas_dir, "jordan-pond.jpg")
