@@ -99,57 +99,57 @@ def tent_cdf(u):
 
 
 @njit(cache=True, fastmath=True)
-def tent_filter(pano, x, y, half_x, half_y, scratch):
+def tent_filter(pano, x, y, half_x, half_y, col_weights):
     """Separable tent filter of half-widths (half_x, half_y) over the piecewise-constant panorama.
 
     Each weight is the tent's integral over one source pixel, so every pixel under the footprint
-    counts by its coverage. The vertical pass goes first: each stencil row is added, weighted, into
-    ``scratch`` (3 floats per column) as one contiguous run that LLVM vectorises; the horizontal
-    weights are applied once at the end. Columns wrap; rows past a pole read the same latitude on
+    counts by its coverage. Column weights are computed once into ``col_weights`` (scratch of at
+    least W + 2) and reused for every row. Columns wrap; rows past a pole read the same latitude on
     the opposite meridian (row reflected, columns shifted by W/2).
     """
     pano_h, pano_w = pano.shape[0], pano.shape[1]
     c_first = math.floor(x - half_x)
     count = math.ceil(x + half_x) - c_first
     inv_x, inv_y = 1.0 / half_x, 1.0 / half_y
-    for k in range(3 * count):
-        scratch[k] = 0.0
+    cdf = 0.0
+    for k in range(count):
+        next_cdf = tent_cdf((c_first + k + 1.0 - x) * inv_x)
+        col_weights[k] = next_cdf - cdf
+        cdf = next_cdf
     # Where the run starts on this side of the pole and across it (shifted by W/2); c_first lies
     # within half a panorama of [0, W), so a conditional add or subtract wraps it (no modulo).
     col_here = c_first + pano_w if c_first < 0 else (c_first - pano_w if c_first >= pano_w else c_first)
     col_across = col_here + pano_w // 2
     col_across = col_across - pano_w if col_across >= pano_w else col_across
-    cdf = 0.0
+    acc0 = acc1 = acc2 = cdf = 0.0
     for r in range(math.floor(y - half_y), math.ceil(y + half_y)):
         next_cdf = tent_cdf((r + 1.0 - y) * inv_y)
-        weight_r = np.float32(next_cdf - cdf)
+        weight_r = next_cdf - cdf
         cdf = next_cdf
         row, col = r, col_here
         if r < 0:
             row, col = -1 - r, col_across
         elif r >= pano_h:
             row, col = 2 * pano_h - 1 - r, col_across
-        line = pano[row]
-        if col + count <= pano_w:  # the common case: no wrap inside the run
+        row0 = row1 = row2 = 0.0
+        if col + count <= pano_w:  # the common case: one run with no wrap to test per tap
+            at_row = np.uintp(row)  # unsigned indices: no negative-index wraparound per tap
             for k in range(count):
-                at = np.uintp(col + k)  # unsigned: no negative-index wraparound in the hot loop
-                scratch[3 * k] += weight_r * line[at, np.uintp(0)]
-                scratch[3 * k + 1] += weight_r * line[at, np.uintp(1)]
-                scratch[3 * k + 2] += weight_r * line[at, np.uintp(2)]
+                weight_c = col_weights[k]
+                at = np.uintp(col + k)
+                row0 += weight_c * pano[at_row, at, np.uintp(0)]
+                row1 += weight_c * pano[at_row, at, np.uintp(1)]
+                row2 += weight_c * pano[at_row, at, np.uintp(2)]
         else:
             for k in range(count):
-                at = (col + k) % pano_w
-                scratch[3 * k] += weight_r * line[at, 0]
-                scratch[3 * k + 1] += weight_r * line[at, 1]
-                scratch[3 * k + 2] += weight_r * line[at, 2]
-    acc0 = acc1 = acc2 = cdf = 0.0
-    for k in range(count):
-        next_cdf = tent_cdf((c_first + k + 1.0 - x) * inv_x)
-        weight_c = next_cdf - cdf
-        cdf = next_cdf
-        acc0 += weight_c * scratch[3 * k]
-        acc1 += weight_c * scratch[3 * k + 1]
-        acc2 += weight_c * scratch[3 * k + 2]
+                weight_c = col_weights[k]
+                row0 += weight_c * pano[row, col, 0]
+                row1 += weight_c * pano[row, col, 1]
+                row2 += weight_c * pano[row, col, 2]
+                col = col + 1 if col + 1 < pano_w else 0
+        acc0 += weight_r * row0
+        acc1 += weight_r * row1
+        acc2 += weight_r * row2
     return acc0, acc1, acc2
 
 
@@ -195,7 +195,7 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
         g = grid[shape_index[n]]
         x_per_rad, y_per_rad = pano_w / _TWO_PI, pano_h / math.pi
         shift = (yaw[n] + yaw_offsets[m]) * x_per_rad + 0.5 * pano_w
-        scratch = np.empty(3 * (pano_w + 2) if antialias else 0, dtype=np.float32)
+        col_weights = np.empty(pano_w + 2 if antialias else 0)
         for j in range(width):
             x = g[0, i, j] * x_per_rad + shift
             x -= math.floor(x / pano_w) * pano_w
@@ -207,7 +207,7 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
             else:  # tent half-width footprint/sqrt(2), capped at half the panorama
                 half_x = min(max(footprint_x, 1.0) * _SQRT_HALF, 0.5 * pano_w)
                 half_y = min(max(footprint_y, 1.0) * _SQRT_HALF, 0.5 * pano_h)
-                values = tent_filter(pano, x, y, half_x, half_y, scratch)
+                values = tent_filter(pano, x, y, half_x, half_y, col_weights)
             for c in range(3):
                 value = values[c] * scale[c] + bias[c]
                 if to_uint8:

@@ -57,8 +57,8 @@ def _reproject_kernel(
     # The panorama: read where it lies. Its table row is (pointer, H, W, row, column, channel strides).
     pano_row = panos_ptr + m * 6
     pano = tl.load(pano_row).to(tl.pointer_type(tl.uint8))
-    pano_h = tl.load(pano_row + 1)
-    pano_w = tl.load(pano_row + 2)
+    pano_h = tl.load(pano_row + 1).to(tl.int32)  # int32 index math; addresses use the int64 strides
+    pano_w = tl.load(pano_row + 2).to(tl.int32)
     stride_h = tl.load(pano_row + 3)
     stride_w = tl.load(pano_row + 4)
     stride_c = tl.load(pano_row + 5)
@@ -143,7 +143,11 @@ def _reproject_kernel(
             weight = weight_c * weight_r
             # Taps outside a lane's own support weigh zero: skip their loads.
             ok = mask & (weight > 0.0)
-            col = (cf.to(tl.int32) + shift + pano_w) % pano_w
+            # cf lies within half a panorama of [0, W) and shift is 0 or W/2: wrap without a division.
+            col = cf.to(tl.int32) + shift
+            col = tl.where(col < 0, col + pano_w, col)
+            col = tl.where(col >= pano_w, col - pano_w, col)
+            col = tl.where(col >= pano_w, col - pano_w, col)
             src = pano + row * stride_h + col * stride_w
             acc0 += weight * tl.load(src, mask=ok, other=0).to(tl.float32)
             acc1 += weight * tl.load(src + stride_c, mask=ok, other=0).to(tl.float32)
