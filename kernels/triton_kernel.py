@@ -14,6 +14,7 @@ interpreter (used for CPU tests) has no libdevice.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -46,13 +47,15 @@ def _tent_cdf(u):
 def _reproject_kernel(
     panos_ptr, shapes_ptr, shape_index_ptr, yaw_ptr, yaw_offsets_ptr, scale_ptr, bias_ptr, out_ptr,
     out_stride_m, out_stride_n, out_stride_c, out_stride_h, out_stride_w, height, width,
-    ANTIALIAS: tl.constexpr, TO_UINT8: tl.constexpr, BLOCK: tl.constexpr,
+    ANTIALIAS: tl.constexpr, TO_UINT8: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    block, n, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs = block * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < height * width
-    i = offs // width
-    j = offs % width
+    # A 2-D tile of output pixels: its footprint on the panorama is compact, so neighbouring
+    # lanes reuse the same cache lines (a 1-D strip would smear it along a long thin band).
+    tile, n, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_w = tl.cdiv(width, TILE_W)
+    i = (tile // tiles_w) * TILE_H + tl.arange(0, TILE_H)[:, None]
+    j = (tile % tiles_w) * TILE_W + tl.arange(0, TILE_W)[None, :]
+    mask = (i < height) & (j < width)
 
     # The panorama: read where it lies. Its table row is (pointer, H, W, row, column, channel strides).
     pano_row = panos_ptr + m * 6
@@ -104,24 +107,24 @@ def _reproject_kernel(
         half_x = tl.where(tent, tl.minimum(tl.maximum(foot_x, 1.0) * 0.7071067811865476, 0.5 * pano_wf), 0.5)
         half_y = tl.where(tent, tl.minimum(tl.maximum(foot_y, 1.0) * 0.7071067811865476, 0.5 * pano_hf), 0.5)
     else:
-        tent = tl.zeros([BLOCK], tl.int1)
-        half_x = tl.full([BLOCK], 0.5, tl.float32)
-        half_y = tl.full([BLOCK], 0.5, tl.float32)
+        tent = tl.zeros([TILE_H, TILE_W], tl.int1)
+        half_x = tl.full([TILE_H, TILE_W], 0.5, tl.float32)
+        half_y = tl.full([TILE_H, TILE_W], 0.5, tl.float32)
 
     c_first = tl.floor(x - half_x)
     r_first = tl.floor(y - half_y)
     if ANTIALIAS:
-        max_cols = tl.max(tl.where(mask, (tl.ceil(x + half_x) - c_first).to(tl.int32), 0), axis=0)
-        max_rows = tl.max(tl.where(mask, (tl.ceil(y + half_y) - r_first).to(tl.int32), 0), axis=0)
+        max_cols = tl.max(tl.max(tl.where(mask, (tl.ceil(x + half_x) - c_first).to(tl.int32), 0), axis=1), axis=0)
+        max_rows = tl.max(tl.max(tl.where(mask, (tl.ceil(y + half_y) - r_first).to(tl.int32), 0), axis=1), axis=0)
     else:
         max_cols = 2
         max_rows = 2
     inv_x = 1.0 / half_x
     inv_y = 1.0 / half_y
     half = pano_w // 2
-    acc0 = tl.zeros([BLOCK], tl.float32)
-    acc1 = tl.zeros([BLOCK], tl.float32)
-    acc2 = tl.zeros([BLOCK], tl.float32)
+    acc0 = tl.zeros([TILE_H, TILE_W], tl.float32)
+    acc1 = tl.zeros([TILE_H, TILE_W], tl.float32)
+    acc2 = tl.zeros([TILE_H, TILE_W], tl.float32)
     for dr in range(0, max_rows):
         rf = r_first + dr
         weight_r = tl.where(
@@ -168,20 +171,25 @@ def _reproject_kernel(
 
 
 def reproject_triton(panos, shapes, shape_index, yaw, yaw_offsets, scale, bias, out: torch.Tensor, antialias: bool):
-    """Fill ``out`` (M, N, 3, h, w), any strides, fp16/fp32/uint8, with one launch."""
+    """Fill ``out`` (M, N, 3, h, w), any strides, fp16/fp32/uint8, with one launch.
+
+    The small per-call parameters travel in two host-to-device copies (one of floats, one of
+    integers), which the kernel reads through views: at a few microseconds of kernel time per
+    panorama, a copy per parameter would cost more than the work.
+    """
     device = out.device
-    table = torch.tensor(
-        [[p.data_ptr(), p.shape[0], p.shape[1], *p.stride()] for p in panos], dtype=torch.int64
-    ).to(device, non_blocking=True)
-
-    def f32(values):
-        return torch.as_tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-
     n_panos, n_views, _, height, width = out.shape
-    block = 256
-    grid = (triton.cdiv(height * width, block), n_views, n_panos)
+    floats = np.concatenate([np.ravel(shapes), yaw, yaw_offsets, scale, bias]).astype(np.float32)
+    table = [[p.data_ptr(), p.shape[0], p.shape[1], *p.stride()] for p in panos]
+    ints = np.concatenate([np.ravel(table), shape_index]).astype(np.int64)
+    floats = torch.from_numpy(floats).to(device, non_blocking=True)
+    ints = torch.from_numpy(ints).to(device, non_blocking=True)
+    splits = np.cumsum([np.size(shapes), len(yaw), len(yaw_offsets), 3])
+    shapes_d, yaw_d, offsets_d, scale_d, bias_d = (floats[a:b] for a, b in zip([0, *splits], [*splits, None], strict=True))
+    table_d, shape_index_d = ints[: 6 * n_panos], ints[6 * n_panos :]
+    tile_h, tile_w = 16, 16
+    grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), n_views, n_panos)
     _reproject_kernel[grid](
-        table, f32(shapes), torch.as_tensor(shape_index, dtype=torch.int32).to(device), f32(yaw), f32(yaw_offsets),
-        f32(scale), f32(bias), out, *out.stride(), height, width,
-        ANTIALIAS=bool(antialias), TO_UINT8=out.dtype == torch.uint8, BLOCK=block,
+        table_d, shapes_d, shape_index_d, yaw_d, offsets_d, scale_d, bias_d, out, *out.stride(), height, width,
+        ANTIALIAS=bool(antialias), TO_UINT8=out.dtype == torch.uint8, TILE_H=tile_h, TILE_W=tile_w,
     )
