@@ -44,6 +44,14 @@ def _tent_cdf(u):
 
 
 @triton.jit
+def _pixel_weight(edge, center, inv_half, tent):
+    """Weight along one axis of the unit pixel [edge, edge + 1) for a filter centred at ``center``:
+    the tent's integral over it (half-width 1 / inv_half), or the bilinear weight of its centre."""
+    tent_weight = _tent_cdf((edge + 1.0 - center) * inv_half) - _tent_cdf((edge - center) * inv_half)
+    return tl.where(tent, tent_weight, tl.maximum(1.0 - tl.abs(edge + 0.5 - center), 0.0))
+
+
+@triton.jit
 def _reproject_kernel(
     panos_ptr, shapes_ptr, shape_index_ptr, yaw_ptr, yaw_offsets_ptr, scale_ptr, bias_ptr, out_ptr,
     out_stride_m, out_stride_n, out_stride_c, out_stride_h, out_stride_w, height, width,
@@ -127,22 +135,14 @@ def _reproject_kernel(
     acc2 = tl.zeros([TILE_H, TILE_W], tl.float32)
     for dr in range(0, max_rows):
         rf = r_first + dr
-        weight_r = tl.where(
-            tent,
-            _tent_cdf((rf + 1.0 - y) * inv_y) - _tent_cdf((rf - y) * inv_y),
-            tl.maximum(1.0 - tl.abs(rf + 0.5 - y), 0.0),
-        )
+        weight_r = _pixel_weight(rf, y, inv_y, tent)
         r = rf.to(tl.int32)
         # Past a pole: the same latitude on the opposite meridian.
         shift = tl.where((r < 0) | (r >= pano_h), half, 0)
         row = tl.where(r < 0, -1 - r, tl.where(r >= pano_h, 2 * pano_h - 1 - r, r))
         for dc in range(0, max_cols):
             cf = c_first + dc
-            weight_c = tl.where(
-                tent,
-                _tent_cdf((cf + 1.0 - x) * inv_x) - _tent_cdf((cf - x) * inv_x),
-                tl.maximum(1.0 - tl.abs(cf + 0.5 - x), 0.0),
-            )
+            weight_c = _pixel_weight(cf, x, inv_x, tent)
             weight = weight_c * weight_r
             # Taps outside a lane's own support weigh zero: skip their loads.
             ok = mask & (weight > 0.0)
