@@ -44,7 +44,7 @@ def atan2(y, x):
 
 @njit(cache=True, fastmath=True)
 def footprint(d0, d1, d2, dc0, dc1, dc2, dr0, dr1, dr2):
-    """Angular box widths (longitude, latitude) of one output pixel, from the analytic Jacobian.
+    """Angular footprint widths (longitude, latitude) of one output pixel, from the analytic Jacobian.
 
     d is the pixel's ray, (dc*, dr*) its change per output column and per output row. Each width
     is the root-sum-square of the pixel's two edge vectors along that axis: the marginal spread of
@@ -53,15 +53,15 @@ def footprint(d0, d1, d2, dc0, dc1, dc2, dr0, dr1, dr2):
     rho2 = d0 * d0 + d2 * d2
     norm2 = rho2 + d1 * d1
     if rho2 <= 1e-12 * norm2:
-        box_lon = _TWO_PI
+        spread_lon = _TWO_PI
     else:
         lon_c = (d2 * dc0 - d0 * dc2) / rho2
         lon_r = (d2 * dr0 - d0 * dr2) / rho2
-        box_lon = math.sqrt(lon_c * lon_c + lon_r * lon_r)
+        spread_lon = math.sqrt(lon_c * lon_c + lon_r * lon_r)
     rho = math.sqrt(rho2)
     lat_c = (rho2 * dc1 - d1 * (d0 * dc0 + d2 * dc2)) / (rho * norm2 + 1e-30)
     lat_r = (rho2 * dr1 - d1 * (d0 * dr0 + d2 * dr2)) / (rho * norm2 + 1e-30)
-    return box_lon, math.sqrt(lat_c * lat_c + lat_r * lat_r)
+    return spread_lon, math.sqrt(lat_c * lat_c + lat_r * lat_r)
 
 
 @njit(cache=True, fastmath=True)
@@ -155,7 +155,7 @@ def tent_filter(pano, x, y, half_x, half_y, col_weights):
 
 @njit(parallel=True, cache=True, fastmath=True)
 def _project_kernel(shapes, height, width, antialias, grid):
-    """grid[u] = (lon, lat, box_lon, box_lat) in radians for every pixel of shape u, yaw 0."""
+    """grid[u] = (lon, lat, footprint in lon, footprint in lat) in radians for every pixel of shape u, yaw 0."""
     for job in prange(shapes.shape[0] * height):
         u, i = job // height, job % height
         p = shapes[u]
