@@ -1,7 +1,9 @@
-"""mimetic's engine: everything around the kernels (views, decoding, the CLI; later models, pipeline, serving).
+"""mimetic's engine: everything around the kernels (views, decoding, models, the pipeline, the CLI).
 
-Importing ``engine`` stays light: no torch, so ``mimetic --help`` answers at once. Modules that need
-torch import it themselves.
+    from engine import Engine, EngineConfig, Panorama
+
+Importing ``engine`` stays light: the pipeline (and torch with it) loads on first use of those
+names, so ``mimetic --help`` answers at once.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -11,4 +13,14 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+_LAZY = {"Engine": "engine.pipeline", "Panorama": "engine.pipeline", "EmbedResult": "engine.pipeline", "EngineConfig": "engine.config"}
+
+__all__ = ["EmbedResult", "Engine", "EngineConfig", "Panorama", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -37,7 +37,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimetic",
-        description="Cut 360° equirectangular panoramas into perspective views (CLIP and Stable Diffusion arrive in later versions).",
+        description="Cut 360° equirectangular panoramas into perspective views and read them with CLIP (Stable Diffusion arrives in a later version).",
     )
     parser.add_argument("-V", "--version", action="version", version=f"mimetic {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -62,6 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-antialias", dest="antialias", action="store_false", help="plain bilinear sampling instead of the footprint (tent) filter")
     rep.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default auto: triton on CUDA, numba on CPU)")
 
+    embed = commands.add_parser(
+        "embed",
+        help="embed panoramas with CLIP: per-view and pooled embeddings plus zero-shot readings, to Parquet",
+        description="One row per view and one pooled row per panorama in OUT (Parquet); prints the top labels per panorama.",
+    )
+    embed.add_argument("panos", nargs="+", metavar="PANO", help="equirectangular panorama files (JPEG, PNG, WebP)")
+    embed.add_argument("--out", required=True, type=Path, help="Parquet file to write")
+    add_engine_arguments(embed)
+
+    demo = commands.add_parser(
+        "demo",
+        help="offline demonstration: a synthetic street scene (plus any PANO given) through the engine",
+        description=(
+            "Builds a procedural street panorama (synthetic, labelled as such), adds any panoramas given, "
+            "embeds them all and writes DIR/results.parquet, DIR/info.json and the synthetic panorama. Without "
+            "--clip-weights or a local-dir model it uses random weights, and says so."
+        ),
+    )
+    demo.add_argument("panos", nargs="*", metavar="PANO", help="more panoramas to embed alongside the synthetic one")
+    demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    add_engine_arguments(demo)
+
+    models = commands.add_parser("models", help="model utilities")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    tiny = model_commands.add_parser(
+        "make-tiny", help="write a tiny untrained open_clip model to DIR/clip (local-dir format), for tests and offline demos"
+    )
+    tiny.add_argument("dir", type=Path, metavar="DIR")
+
     bench = commands.add_parser(
         "bench", help="run the benchmarks (bench/run_all.py); results go to bench/results/", description="Run bench.run_all; extra arguments are passed on to it."
     )
@@ -78,7 +107,118 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_version()
     if args.command == "reproject":
         return cmd_reproject(args)
+    if args.command == "embed":
+        return cmd_embed(args)
+    if args.command == "demo":
+        return cmd_demo(args)
+    if args.command == "models":
+        return cmd_models(args)
     return cmd_bench(args, extra)
+
+
+# -- the Engine's settings as flags ---------------------------------------------------------------
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field (``--clip-model``, ``--random-weights``, ``--batch-size``, ...)."""
+    from dataclasses import MISSING, fields
+
+    from engine.config import EngineConfig
+
+    group = parser.add_argument_group("engine")
+    for spec in fields(EngineConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default if spec.default is not MISSING else None
+        if isinstance(default, bool):
+            if default:
+                group.add_argument("--no-" + spec.name.replace("_", "-"), dest=spec.name, action="store_false", default=True)
+            else:
+                group.add_argument(flag, dest=spec.name, action="store_true", default=False)
+        elif isinstance(default, tuple):
+            group.add_argument(flag, dest=spec.name, default=",".join(default), help=f"comma-separated (default {','.join(default)})")
+        elif isinstance(default, int):
+            group.add_argument(flag, dest=spec.name, type=_positive_int, default=default, help=f"(default {default})")
+        else:
+            group.add_argument(flag, dest=spec.name, default=default, help=f"(default {default})")
+
+
+def config_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from engine.config import EngineConfig
+
+    values = {}
+    for spec in fields(EngineConfig):
+        value = getattr(args, spec.name)
+        if isinstance(spec.default, tuple) and isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        values[spec.name] = value
+    return EngineConfig(**values)
+
+
+def _print_readings(result) -> None:
+    if result.error:
+        print(f"{result.id}: error: {result.error}", file=sys.stderr)
+        return
+    parts = []
+    for name, reading in result.readings.items():
+        top = ", ".join(f"{label} {p:.2f}" for label, p in reading["pooled"][:3])
+        parts.append(f"{name}: {top}")
+    print(f"{result.id}: " + " | ".join(parts))
+
+
+def _embed_files(engine, paths: list[str], extra=()) -> list:
+    from engine.pipeline import Panorama
+
+    panoramas = [*extra, *(Panorama(id=path, data=path) for path in paths)]
+    results = []
+    for result in engine.embed_iter(panoramas):
+        _print_readings(result)
+        results.append(result)
+    return results
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from engine.pipeline import Engine
+    from engine.results import write_parquet
+
+    engine = Engine(config_from_args(args))
+    results = _embed_files(engine, args.panos)
+    write_parquet(results, args.out)
+    failed = [r for r in results if r.error]
+    print(f"{len(results) - len(failed)} of {len(results)} panoramas embedded -> {args.out}")
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from engine.demo import SYNTHETIC_NOTE, street_scene
+    from engine.pipeline import Engine, Panorama
+    from engine.results import write_parquet
+
+    config = config_from_args(args)
+    if config.clip_weights is None and not config.clip_model.startswith("local-dir:"):
+        config.random_weights = True  # no real weights: the demo still runs, and the engine says so loudly
+    args.out.mkdir(parents=True, exist_ok=True)
+    scene = street_scene()
+    Image.fromarray(scene).save(args.out / "synthetic-street.png")
+    engine = Engine(config)
+    synthetic = Panorama(id="synthetic-street", data=scene, meta={"source": SYNTHETIC_NOTE})
+    results = _embed_files(engine, args.panos, extra=[synthetic])
+    write_parquet(results, args.out / "results.parquet")
+    (args.out / "info.json").write_text(json.dumps(engine.info(), indent=2) + "\n")
+    failed = [r for r in results if r.error]
+    print(f"{len(results) - len(failed)} of {len(results)} panoramas embedded -> {args.out}/results.parquet")
+    return 1 if failed else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine.models.tiny import make_tiny_clip
+
+    path = make_tiny_clip(args.dir)
+    print(f"tiny untrained open_clip model written to {path}; load it with --clip-model local-dir:{path}")
+    return 0
 
 
 def cmd_version() -> int:

@@ -6,6 +6,8 @@
    times. Bytes: 4 float64 per output pixel per distinct shape, written once.
 2. Filter: each output pixel reads the panorama pixels under its tent once per channel (uint8, in
    place, any strides) and writes 3 values. Nothing is padded, copied or converted to float.
+
+Both release the GIL, so decoding threads keep working while a kernel runs.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def tent_filter(pano, x, y, half_x, half_y, col_weights):
     return acc0, acc1, acc2
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def _project_kernel(shapes, height, width, antialias, grid):
     """grid[u] = (lon, lat, footprint in lon, footprint in lat) in radians for every pixel of shape u, yaw 0."""
     for job in prange(shapes.shape[0] * height):
@@ -182,7 +184,7 @@ def _project_kernel(shapes, height, width, antialias, grid):
             )
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out, antialias, to_uint8):
     """out[m, n] = the panorama m filtered under view n's projection, shifted by its yaw."""
     n_panos, n_views, height, width = len(panos), shape_index.shape[0], out.shape[3], out.shape[4]

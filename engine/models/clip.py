@@ -1,0 +1,432 @@
+"""CLIP through open_clip: ``load_clip`` finds the weights, ``ClipModel`` encodes views and texts.
+
+Where the weights come from, in this order (DESIGN.md, "Weights"):
+
+1. ``weights`` is a local checkpoint file (``.safetensors``, or ``.bin``/``.pt``/``.pth`` read with
+   ``torch.load(weights_only=True)``): build the architecture ``model_name`` names (a built-in open_clip
+   name, or the config of a ``local-dir:``) untrained, then load the file strictly.
+2. ``model_name`` is ``local-dir:PATH``: open_clip's own local-dir loading (``PATH/open_clip_config.json``
+   with ``model_cfg`` + ``preprocess_cfg``, and the checkpoint beside it).
+3. ``weights`` is any other string: an open_clip pretrained tag, taken from the local cache (HF hub cache,
+   or ``~/.cache/clip`` for URL tags). The hub is the last resort and is tried only when asked for
+   (``MIMETIC_DOWNLOAD_WEIGHTS=1``, and ``HF_HUB_OFFLINE`` not set): without a network, huggingface_hub's
+   retries take minutes to give up, so by default a missing tag is an immediate ``WeightsError``.
+4. ``random_weights=True``: the real architecture, untrained, and a loud warning every time.
+5. none of these: ``WeightsError`` saying what to pass.
+
+Precision (DESIGN.md, "Precision"): on CUDA the model runs in fp16 the way open_clip's
+``precision="fp16"`` does it (weights fp16, LayerNorm computed in fp32); on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.models.attention import configure_attention
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+RANDOM = "RANDOM (untrained)"
+ZERO_SHOT_LOGIT_SCALE = 100.0  # "softmax(100 * cos)", CLIP's zero-shot convention
+DOWNLOAD_ENV = "MIMETIC_DOWNLOAD_WEIGHTS"  # =1: a pretrained tag missing from the local cache may be downloaded
+
+_OPTIONS = (
+    "Pass one of: a local checkpoint file (--clip-weights PATH.safetensors or .bin), "
+    "an open_clip local directory (--clip-model local-dir:PATH, holding open_clip_config.json and the weights), "
+    "a pretrained tag that is already in the local cache (--clip-weights TAG), "
+    "or --random-weights to build the architecture untrained (embeddings are then meaningless). "
+    "For an offline test model, `mimetic models make-tiny DIR` writes one to DIR/clip "
+    "(then --clip-model local-dir:DIR/clip)."
+)
+
+
+class WeightsError(ValueError):
+    """The CLIP weights could not be found or loaded; the message says what to pass instead."""
+
+
+@dataclass
+class ClipModel:
+    """An open_clip CLIP, in eval mode, on its device, with what it needs to read views and texts."""
+
+    model: torch.nn.Module  # open_clip CLIP, eval mode, on device
+    tokenizer: Callable  # open_clip tokenizer: list[str] -> LongTensor (T, context_length)
+    name: str  # architecture name or "local-dir:PATH"
+    weights: str  # where the weights came from: a path, "local-dir:PATH", "pretrained:TAG (path)", or RANDOM
+    image_size: tuple[int, int]  # (h, w) the image tower expects
+    mean: tuple[float, float, float]  # the model's own normalisation (open_clip preprocess cfg)
+    std: tuple[float, float, float]
+    embed_dim: int
+    device: torch.device
+    dtype: torch.dtype  # float16 on CUDA, float32 on CPU
+    attention: str  # "sdpa" or "xformers": the backend in use
+    compiled: bool
+    _encode_image: Callable | None = field(default=None, repr=False)  # the (compiled) image tower
+
+    def encode_images(self, views: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) views, already normalised with ``mean``/``std`` -> (B, D) unit embeddings, ``dtype``."""
+        if views.dim() != 4 or views.shape[1] != 3:
+            raise ValueError(f"views must be (B, 3, h, w), got {tuple(views.shape)}")
+        if tuple(views.shape[-2:]) != self.image_size:
+            raise ValueError(f"views are {tuple(views.shape[-2:])}, the image tower expects {self.image_size} (h, w)")
+        encode = self._encode_image if self._encode_image is not None else self.model.visual
+        with torch.inference_mode():
+            features = encode(views.to(device=self.device, dtype=self.dtype))
+            return _unit(features, self.dtype)
+
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (T, D) unit embeddings, ``dtype``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+                out.append(_unit(self.model.encode_text(tokens), self.dtype))
+            if not out:
+                return torch.empty(0, self.embed_dim, dtype=self.dtype, device=self.device)
+            return torch.cat(out)
+
+    def logit_scale(self) -> float:
+        """The scale zero-shot readings use: 100, i.e. ``softmax(100 * cos)``."""
+        return ZERO_SHOT_LOGIT_SCALE
+
+    def learned_logit_scale(self) -> float:
+        """The model's own learned ``exp(logit_scale)`` (100 for trained OpenAI CLIP; 1/0.07 if untrained)."""
+        scale = getattr(self.model, "logit_scale", None)
+        return float(scale.detach().float().exp().reshape(-1)[0]) if scale is not None else ZERO_SHOT_LOGIT_SCALE
+
+
+def _unit(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalise in fp32 (an fp16 norm is off by ~1e-3), then store in ``dtype``."""
+    return F.normalize(features.float(), dim=-1).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_clip(
+    model_name: str,
+    weights: str | None = None,
+    *,
+    random_weights: bool = False,
+    device: str | torch.device = "auto",
+    attention: str = "auto",
+    compile: bool = False,
+) -> ClipModel:
+    """Build ``model_name`` with its weights (see the module docstring for the order), ready to encode.
+
+    ``device``: "auto" (CUDA if there is one), "cpu", "cuda", "cuda:N". ``attention``: "auto" | "sdpa" |
+    "xformers" (see ``engine.models.attention``). ``compile``: ``torch.compile`` the image tower.
+    """
+    import open_clip
+
+    weights = os.fspath(weights) if weights is not None else None  # a Path works too
+    dev = _resolve_device(device)
+    precision = "fp16" if dev.type == "cuda" else "fp32"
+    is_local_dir = model_name.startswith(LOCAL_DIR)
+    if is_local_dir:
+        _check_local_dir(model_name)
+    elif model_name.startswith("hf-hub:"):
+        raise WeightsError(
+            f"{model_name}: models are not fetched from the hub at load time; put the repository's files "
+            f"(open_clip_config.json and the weights) in a folder and pass local-dir:PATH. {_OPTIONS}"
+        )
+    elif open_clip.get_model_config(model_name.replace("/", "-")) is None:
+        raise WeightsError(
+            f"unknown open_clip architecture {model_name!r} (open_clip.list_models() lists them); "
+            "or pass --clip-model local-dir:PATH"
+        )
+    if weights is not None and random_weights:
+        raise WeightsError(
+            f"both weights={weights!r} and random_weights=True were given: pass one or the other. {_OPTIONS}"
+        )
+
+    if weights is not None and _looks_like_file(weights):
+        # (1) a local checkpoint into the named architecture.
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"checkpoint file not found: {path}. {_OPTIONS}")
+        state = read_state_dict(path)
+        model = _create(open_clip, model_name, precision, dev, load_weights=False)
+        _load_strict(model, state, path)
+        source = str(path)
+    elif is_local_dir and not random_weights:
+        # (2) open_clip's local-dir: config + preprocess cfg + the checkpoint in the folder.
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        folder = Path(model_name[len(LOCAL_DIR) :]).expanduser()
+        checkpoint = _find_checkpoint_in_dir(folder)
+        if checkpoint is None:
+            raise WeightsError(
+                f"{model_name}: no checkpoint (*.safetensors, *.bin, *.pth) in {folder}, only a config. {_OPTIONS}"
+            )
+        model = _create(open_clip, model_name, precision, dev, load_weights=False)
+        try:  # open_clip's own reader and fix-ups (weights_only, wrappers, third-party layouts), strict
+            open_clip.load_checkpoint(model, checkpoint, strict=True, weights_only=True)
+        except Exception as e:
+            raise WeightsError(f"cannot load checkpoint {checkpoint} into the architecture in {folder}: {e}") from e
+        source = model_name
+    elif weights is not None:
+        # (3) an open_clip pretrained tag, from the local cache first.
+        if is_local_dir:
+            raise WeightsError(
+                f"{model_name} takes its weights from its folder or a checkpoint file; "
+                f"{weights!r} is neither an existing file nor usable as a tag here. {_OPTIONS}"
+            )
+        path = _resolve_pretrained_tag(open_clip, model_name, weights)
+        state = read_state_dict(path)
+        model = _create(open_clip, model_name, precision, dev, load_weights=False, tag=weights)
+        _load_strict(model, state, path)
+        source = f"pretrained:{weights} ({path})"
+    elif random_weights:
+        # (4) the real architecture, untrained: loud, every time.
+        message = (
+            f"CLIP {model_name} is built with RANDOM, UNTRAINED weights (--random-weights): its embeddings "
+            "and zero-shot readings are MEANINGLESS. Use this for benchmarks and offline demonstrations only."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        log.warning(message)
+        model = _create(open_clip, model_name, precision, dev, load_weights=False)
+        source = RANDOM
+    else:
+        # (5)
+        raise WeightsError(f"no weights given for CLIP {model_name}. {_OPTIONS}")
+
+    model.eval()
+    backend = configure_attention(model, attention)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    pp = model.visual.preprocess_cfg
+    size = pp["size"]
+    image_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    encode_image = None
+    if compile:
+        encode_image = torch.compile(model.visual)
+    clip = ClipModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=model_name,
+        weights=source,
+        image_size=image_size,
+        mean=tuple(float(m) for m in pp["mean"]),
+        std=tuple(float(s) for s in pp["std"]),
+        embed_dim=_embed_dim(model),
+        device=dev,
+        dtype=torch.float16 if precision == "fp16" else torch.float32,
+        attention=backend,
+        compiled=compile,
+        _encode_image=encode_image,
+    )
+    log.info(
+        "CLIP %s (%s) on %s %s, image %s, attention %s%s",
+        model_name,
+        source,
+        dev,
+        clip.dtype,
+        image_size,
+        backend,
+        ", compiled" if compile else "",
+    )
+    return clip
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's state dict, on CPU: ``.safetensors``, or ``.bin``/``.pt``/``.pth`` read with
+    ``weights_only=True``. A ``{"state_dict": ...}`` wrapper is unwrapped and a ``module.`` prefix stripped."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"checkpoint {path} does not hold a state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    from open_clip.convert import convert_state_dict
+
+    state = convert_state_dict(model, state)  # open_clip's fix-ups for third-party layouts (MobileCLIP)
+    own = model.state_dict()
+    if "text.transformer.embeddings.position_ids" not in own:  # dropped by transformers >= 4.31
+        state.pop("text.transformer.embeddings.position_ids", None)
+    # open_clip's own fix-up: logit_scale saved as a scalar vs a 1-d parameter.
+    for key in ("logit_scale", "logit_bias"):
+        if (
+            key in state
+            and key in own
+            and state[key].shape != own[key].shape
+            and state[key].numel() == own[key].numel()
+        ):
+            state[key] = state[key].reshape(own[key].shape)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        raise WeightsError(f"checkpoint {path} does not fit the architecture: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)  # copies into the model's own dtypes (fp16 / fp32 LayerNorm)
+
+
+def _create(open_clip, model_name: str, precision: str, device: torch.device, *, load_weights: bool, tag=None):
+    """open_clip's ``create_model`` (fp16 on CUDA as ``precision="fp16"`` does it), wrapping a bad name."""
+    kwargs = {}
+    if tag is not None:
+        # the tag's own preprocess cfg (mean/std/size/quick_gelu), without downloading through open_clip
+        cfg = open_clip.get_pretrained_cfg(model_name, tag)
+        pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+        if pp:
+            kwargs["force_preprocess_cfg"] = pp
+        if cfg.get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True
+    with _QuietOpenClipRandomInit():
+        return open_clip.create_model(
+            model_name, pretrained=None, load_weights=load_weights, precision=precision, device=device, **kwargs
+        )
+
+
+class _QuietOpenClipRandomInit(logging.Filter):
+    """Drop open_clip's root-logger "Model initialized randomly" line while we build an architecture whose
+    weights we load right after (random weights get their own, louder warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
+
+
+def _resolve_pretrained_tag(open_clip, model_name: str, tag: str) -> Path:
+    """The local file for open_clip pretrained ``tag`` of ``model_name``; the hub only as a last resort."""
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        known = open_clip.list_pretrained_tags_by_model(model_name)
+        raise WeightsError(
+            f"{tag!r} is neither a checkpoint file nor a pretrained tag open_clip knows for {model_name} "
+            f"(known tags: {', '.join(known) or 'none'}). {_OPTIONS}"
+        )
+    if "file" in cfg and Path(cfg["file"]).is_file():
+        return Path(cfg["file"])
+    hub = cfg.get("hf_hub", "")
+    url = cfg.get("url", "")
+    tried = []
+    if hub:
+        repo, filename = os.path.split(hub)
+        filenames = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            filenames.insert(0, filename[:-4] + ".safetensors")
+        local = _hf_cached(repo, filenames)
+        if local is not None:
+            return local
+        tried.append(f"the Hugging Face cache for {repo} ({', '.join(filenames)})")
+    if url:
+        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if cached.is_file():
+            return cached
+        tried.append(str(cached))
+    where = " and ".join(tried) or "nowhere (the tag names no source)"
+    if os.environ.get(DOWNLOAD_ENV, "") != "1" or _hub_offline():
+        raise WeightsError(
+            f"pretrained weights {model_name}/{tag} were not found locally (looked in {where}); "
+            f"nothing is downloaded unless {DOWNLOAD_ENV}=1 is set (and HF_HUB_OFFLINE is not). {_OPTIONS}"
+        )
+    try:  # last resort, asked for: the hub (or the tag's URL), through open_clip
+        from open_clip.pretrained import download_pretrained
+
+        log.warning("CLIP %s/%s is not in the local cache; downloading it (%s=1)", model_name, tag, DOWNLOAD_ENV)
+        path = download_pretrained(cfg)
+    except Exception as e:
+        raise WeightsError(
+            f"pretrained weights {model_name}/{tag} were not found locally (looked in {where}) "
+            f"and could not be downloaded ({type(e).__name__}: {e}). {_OPTIONS}"
+        ) from e
+    if not path or not Path(path).is_file():
+        raise WeightsError(f"pretrained weights {model_name}/{tag} could not be found. {_OPTIONS}")
+    return Path(path)
+
+
+def _hf_cached(repo: str, filenames: list[str]) -> Path | None:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    for name in filenames:
+        try:
+            return Path(hf_hub_download(repo_id=repo, filename=name, local_files_only=True))
+        except Exception:
+            continue
+    return None
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (huggingface_hub reads them only at import)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:
+        return False
+
+
+def _looks_like_file(weights: str) -> bool:
+    p = Path(weights).expanduser()
+    return p.suffix in CHECKPOINT_SUFFIXES or os.sep in weights or p.exists()
+
+
+def _check_local_dir(model_name: str) -> None:
+    folder = Path(model_name[len(LOCAL_DIR) :]).expanduser()
+    if not folder.is_dir():
+        raise WeightsError(f"{model_name}: no such directory {folder}. {_OPTIONS}")
+    if not (folder / "open_clip_config.json").is_file():
+        raise WeightsError(f"{model_name}: {folder} has no open_clip_config.json. {_OPTIONS}")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for CUDA, but torch sees no CUDA device here; use cpu or auto")
+    return dev
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    out = getattr(model.visual, "output_dim", None)
+    if isinstance(out, int):
+        return out
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Parameter):
+        return proj.shape[1]
+    raise ValueError("cannot tell the embedding width of this model")

@@ -1,0 +1,69 @@
+"""EmbedResults -> an Arrow table (one row per view and one pooled row per panorama) and Parquet.
+
+Embeddings are stored as fp16 lists, readings and metadata as JSON text, so any Arrow tool reads
+the file without this package. A failed panorama keeps a row with its error: nothing accepted is
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),  # "view", "pooled" or "error"
+        ("view", pa.int32()),  # index in the view set; null for pooled and error rows
+        ("yaw", pa.float32()),
+        ("pitch", pa.float32()),
+        ("roll", pa.float32()),
+        ("fov", pa.float32()),
+        ("embedding", pa.list_(pa.float16())),
+        ("readings", pa.string()),  # JSON: {vocabulary: [[label, probability], ...]}
+        ("meta", pa.string()),  # JSON, echoed from the input
+        ("error", pa.string()),
+    ]
+)
+
+
+def results_table(results) -> pa.Table:
+    rows = []
+    for result in results:
+        meta = json.dumps(result.meta, default=str)
+        if result.error is not None:
+            rows.append({"id": result.id, "kind": "error", "meta": meta, "error": result.error})
+            continue
+        embeddings = result.embeddings.float().numpy().astype(np.float16)
+        for index, (view, embedding) in enumerate(zip(result.views, embeddings, strict=True)):
+            readings = {name: r["views"][index] for name, r in result.readings.items()}
+            rows.append(
+                {
+                    "id": result.id, "kind": "view", "view": index, "yaw": view.yaw, "pitch": view.pitch,
+                    "roll": view.roll, "fov": view.fov, "embedding": embedding, "readings": json.dumps(readings),
+                    "meta": meta,
+                }
+            )
+        pooled_readings = {name: r["pooled"] for name, r in result.readings.items()}
+        rows.append(
+            {
+                "id": result.id, "kind": "pooled", "embedding": result.pooled.float().numpy().astype(np.float16),
+                "readings": json.dumps(pooled_readings), "meta": meta,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def write_parquet(results, path: str | os.PathLike) -> Path:
+    """Write atomically: a temporary name in the same folder, renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(results_table(results), tmp)
+    os.replace(tmp, path)
+    return path
