@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -199,7 +200,10 @@ class Engine:
             "yaw_offsets": torch.tensor(yaw_offsets, dtype=torch.float64),
         }
         if self._prep_stream is None:
-            return reproject([torch.from_numpy(p) for p in panos], self.views, **kwargs)
+            with warnings.catch_warnings():  # a read-only caller array is fine: the kernel only reads it
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                tensors = [torch.from_numpy(p) for p in panos]
+            return reproject(tensors, self.views, **kwargs)
         # CUDA: copy and reproject on the prep stream, so the next group's copy overlaps the model.
         with torch.cuda.stream(self._prep_stream):
             on_device = [p.to(self.device, non_blocking=True) for p in panos]
