@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
-from engine.decode import DecodeError, decode_image, required_width
+from engine.decode import DecodeError, decode_image, decode_jpeg_batch_cuda, required_width
 from engine.models.clip import ClipModel, load_clip
 from engine.views import view_set
 from engine.vocab import TextEmbeddingCache, Vocabulary, load_vocabulary
@@ -64,6 +64,27 @@ class EmbedResult:
     error: str | None = None
 
 
+def read_bytes(data, item_id: str) -> bytes:
+    """Encoded bytes of a path or bytes input; an unreadable or empty file is a DecodeError naming the item."""
+    if isinstance(data, (bytes, bytearray)):
+        blob = bytes(data)
+    else:
+        try:
+            with open(data, "rb") as stream:
+                blob = stream.read()
+        except OSError as exc:
+            raise DecodeError(item_id, f"cannot read the file ({exc.strerror or exc})") from exc
+    if not blob:
+        raise DecodeError(item_id, "empty input (0 bytes)")
+    return blob
+
+
+def check_equirectangular(item_id: str, shape: tuple) -> None:
+    height, width = shape[:2]
+    if width != 2 * height:
+        raise DecodeError(item_id, f"equirectangular panoramas are 2:1, got {width}x{height}")
+
+
 class Engine:
     """One loaded model, one view set, the vocabularies' text embeddings; ``embed`` runs the pipeline."""
 
@@ -95,6 +116,8 @@ class Engine:
         for name in config.vocabularies:
             self.add_vocabulary(name)
         self._prep_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # On CUDA, JPEGs are decoded by nvJPEG, a group at a time; elsewhere by libjpeg with DCT scaling.
+        self.decode_on_device = self.device.type == "cuda"
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -153,24 +176,47 @@ class Engine:
                     group = []
             yield from self._run_group(group)
 
-    def _decode(self, item: Panorama) -> np.ndarray | torch.Tensor:
-        """Bytes, path or array -> a validated uint8 (H, W, 3) panorama, 2:1. Runs in a worker thread."""
+    def _decode(self, item: Panorama) -> np.ndarray | torch.Tensor | bytes:
+        """Validate an input and decode it, in a worker thread: a 2:1 uint8 (H, W, 3) panorama.
+
+        With nvJPEG in use, encoded input is only read here (bytes) and decoded on the GPU for the
+        whole group at once, in ``_decode_on_device``.
+        """
         if not isinstance(item, Panorama):
             raise TypeError(f"expected a Panorama, got {type(item).__name__}")
         if not isinstance(item.id, str) or not item.id:
             raise ValueError(f"panorama id must be a non-empty string, got {item.id!r}")
+        if not np.isfinite(item.yaw_offset):
+            raise ValueError(f"{item.id}: yaw_offset must be finite, got {item.yaw_offset}")
         data = item.data
         if isinstance(data, torch.Tensor):
             data = data.detach().cpu().numpy()
+        if self.decode_on_device and isinstance(data, (bytes, bytearray, str, os.PathLike)):
+            return read_bytes(data, item.id)
         pano = decode_image(data, name=item.id, max_pixels=self.config.max_pixels, min_width=self.min_decode_width)
-        height, width = pano.shape[:2]
-        if width != 2 * height:
-            raise DecodeError(item.id, f"equirectangular panoramas are 2:1, got {width}x{height}")
-        if not np.isfinite(item.yaw_offset):
-            raise ValueError(f"{item.id}: yaw_offset must be finite, got {item.yaw_offset}")
+        check_equirectangular(item.id, pano.shape)
         if self.device.type == "cuda":
             return torch.from_numpy(pano).pin_memory()  # lets the copy to the GPU run asynchronously
         return pano
+
+    def _decode_on_device(self, group: list[tuple[Panorama, object]]) -> list[tuple[Panorama, object]]:
+        """Decode the group's encoded panoramas in one batched nvJPEG call; a failure stays with its item."""
+        encoded = [k for k, (_, payload) in enumerate(group) if isinstance(payload, bytes)]
+        if not encoded:
+            return group
+        decoded = decode_jpeg_batch_cuda(
+            [group[k][1] for k in encoded], [group[k][0].id for k in encoded],
+            device=self.device, max_pixels=self.config.max_pixels,
+        )
+        group = list(group)
+        for k, pano in zip(encoded, decoded, strict=True):
+            if not isinstance(pano, DecodeError):
+                try:
+                    check_equirectangular(group[k][0].id, tuple(pano.shape))
+                except DecodeError as exc:
+                    pano = exc
+            group[k] = (group[k][0], pano)
+        return group
 
     def _failed(self, item, exc: Exception) -> EmbedResult:
         item_id = getattr(item, "id", None)
@@ -178,18 +224,21 @@ class Engine:
         meta = getattr(item, "meta", {}) if isinstance(getattr(item, "meta", None), dict) else {}
         return EmbedResult(id=str(item_id), views=self.views, meta=meta, error=message)
 
-    def _run_group(self, group: list[tuple[Panorama, np.ndarray | torch.Tensor]]) -> list[EmbedResult]:
+    def _run_group(self, group: list[tuple[Panorama, object]]) -> list[EmbedResult]:
         """Reproject a group of panoramas in one launch, embed all their views in one model call."""
-        if not group:
-            return []
-        items = [item for item, _ in group]
-        views = self._reproject([pano for _, pano in group], [item.yaw_offset for item in items])
-        count = len(self.views)
-        flat = views.reshape(len(items) * count, *views.shape[2:])
-        embeddings = torch.cat(
-            [self.clip.encode_images(chunk) for chunk in flat.split(self.config.batch_size)]
-        ).view(len(items), count, -1)
-        return [self._result(item, per_view) for item, per_view in zip(items, embeddings, strict=True)]
+        group = self._decode_on_device(group)
+        ready = [(item, pano) for item, pano in group if not isinstance(pano, DecodeError)]
+        embedded = {}
+        if ready:
+            items = [item for item, _ in ready]
+            views = self._reproject([pano for _, pano in ready], [item.yaw_offset for item in items])
+            count = len(self.views)
+            flat = views.reshape(len(items) * count, *views.shape[2:])
+            embeddings = torch.cat(
+                [self.clip.encode_images(chunk) for chunk in flat.split(self.config.batch_size)]
+            ).view(len(items), count, -1)
+            embedded = {id(item): self._result(item, per_view) for item, per_view in zip(items, embeddings, strict=True)}
+        return [embedded[id(item)] if id(item) in embedded else self._failed(item, pano) for item, pano in group]
 
     def _reproject(self, panos: list, yaw_offsets: list[float]) -> torch.Tensor:
         """(M, N, 3, h, w) views in the model's dtype, normalised with its mean and std, on its device."""
@@ -202,7 +251,7 @@ class Engine:
         if self._prep_stream is None:
             with warnings.catch_warnings():  # a read-only caller array is fine: the kernel only reads it
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                tensors = [torch.from_numpy(p) for p in panos]
+                tensors = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p) for p in panos]
             return reproject(tensors, self.views, **kwargs)
         # CUDA: copy and reproject on the prep stream, so the next group's copy overlaps the model.
         with torch.cuda.stream(self._prep_stream):

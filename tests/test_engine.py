@@ -140,3 +140,25 @@ def test_random_weights_are_loud(small_louvre):
     with pytest.warns(RuntimeWarning, match="(?i)random"):
         loud = Engine(EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=("urban",)))
     assert "RANDOM" in loud.info()["clip"]["weights"]
+
+
+def test_group_decoding_path_keeps_order_and_per_item_errors(tiny_clip, small_louvre, panoramas_dir):
+    """The CUDA route (encoded bytes read in workers, decoded a group at a time) run with
+    torchvision's CPU decoder standing in for nvJPEG: the same ordering and error rules."""
+    grouped = Engine(EngineConfig(clip_model=tiny_clip, max_pixels=1_000_000, batch_size=16))
+    grouped.decode_on_device = True
+    good = jpeg(small_louvre)
+    items = [
+        Panorama(id="good-1", data=good),
+        Panorama(id="bomb", data=panoramas_dir / "louvre.jpg"),
+        Panorama(id="truncated", data=good[: len(good) // 2]),
+        Panorama(id="empty", data=b""),
+        Panorama(id="square", data=jpeg(small_louvre[:, :256])),
+        Panorama(id="png", data=panoramas_dir / "axes.png"),
+        Panorama(id="good-2", data=good),
+    ]
+    results = grouped.embed(items)
+    assert [r.id for r in results] == [item.id for item in items]
+    errors = {r.id for r in results if r.error}
+    assert errors == {"bomb", "truncated", "empty", "square"}
+    torch.testing.assert_close(results[0].embeddings, results[-1].embeddings)
