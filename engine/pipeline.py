@@ -237,7 +237,7 @@ class Engine:
             embeddings = torch.cat(
                 [self.clip.encode_images(chunk) for chunk in flat.split(self.config.batch_size)]
             ).view(len(items), count, -1)
-            embedded = {id(item): self._result(item, per_view) for item, per_view in zip(items, embeddings, strict=True)}
+            embedded = {id(item): result for item, result in zip(items, self._results(items, embeddings), strict=True)}
         return [embedded[id(item)] if id(item) in embedded else self._failed(item, pano) for item, pano in group]
 
     def _reproject(self, panos: list, yaw_offsets: list[float]) -> torch.Tensor:
@@ -262,34 +262,45 @@ class Engine:
             tensor.record_stream(torch.cuda.current_stream(self.device))
         return views
 
-    def _result(self, item: Panorama, embeddings: torch.Tensor) -> EmbedResult:
-        pooled = torch.nn.functional.normalize(embeddings.float().mean(dim=0), dim=0)
-        readings = {name: self._read(name, embeddings.float(), pooled) for name in self.vocabularies}
-        return EmbedResult(
-            id=item.id,
-            views=self.views,
-            embeddings=embeddings.cpu(),
-            pooled=pooled.to(self.clip.dtype).cpu(),
-            readings=readings,
-            meta=item.meta,
-        )
+    def _results(self, items: list[Panorama], embeddings: torch.Tensor) -> list[EmbedResult]:
+        """(M, N, D) view embeddings -> M results. Readings for the whole group are computed on the
+        model's device and copied back once, not once per panorama."""
+        views = embeddings.float()
+        pooled = torch.nn.functional.normalize(views.mean(dim=1), dim=1)
+        readings = {name: self._read(name, views, pooled) for name in self.vocabularies}
+        embeddings, pooled_out = embeddings.cpu(), pooled.to(self.clip.dtype).cpu()
+        return [
+            EmbedResult(
+                id=item.id,
+                views=self.views,
+                embeddings=embeddings[m],
+                pooled=pooled_out[m],
+                readings={name: {"pooled": r["pooled"][m], "views": r["views"][m]} for name, r in readings.items()},
+                meta=item.meta,
+            )
+            for m, item in enumerate(items)
+        ]
 
     def _read(self, name: str, views: torch.Tensor, pooled: torch.Tensor) -> dict:
-        """Top-k (label, probability) per view and pooled: softmax(100 * cos) over the vocabulary."""
+        """Top-k (label, probability) per view and pooled: softmax(100 * cos) over the vocabulary.
+
+        ``views`` is (M, N, D) and ``pooled`` (M, D); returns {"pooled": M lists, "views": M x N lists}.
+        """
         labels = self.vocabularies[name].labels
         text = self._label_embeddings[name]
         k = min(self.config.top_k, len(labels))
 
         def top(probabilities: torch.Tensor) -> list[list[tuple[str, float]]]:
-            values, indices = probabilities.topk(k, dim=-1)
+            values, indices = probabilities.reshape(-1, len(labels)).topk(k, dim=-1)  # one copy back each
             return [
-                [(labels[i], float(p)) for p, i in zip(row_p, row_i, strict=True)]
-                for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+                [(labels[i], p) for p, i in zip(row_values, row_indices, strict=True)]
+                for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)
             ]
 
-        per_view = (ZERO_SHOT_SCALE * views @ text.T).softmax(dim=-1)
-        overall = (ZERO_SHOT_SCALE * pooled[None] @ text.T).softmax(dim=-1)
-        return {"pooled": top(overall)[0], "views": top(per_view)}
+        count = views.shape[1]
+        per_view = top((ZERO_SHOT_SCALE * views @ text.T).softmax(dim=-1))
+        overall = top((ZERO_SHOT_SCALE * pooled @ text.T).softmax(dim=-1))
+        return {"pooled": overall, "views": [per_view[m * count : (m + 1) * count] for m in range(len(overall))]}
 
     # -- introspection ------------------------------------------------------------------------
 
