@@ -30,12 +30,10 @@ import torch
 
 from engine.config import EngineConfig
 from engine.decode import DecodeError, decode_image, decode_jpeg_batch_cuda, required_width
-from engine.models.clip import ClipModel, load_clip
+from engine.models.clip import ZERO_SHOT_LOGIT_SCALE, ClipModel, load_clip
 from engine.views import view_set
 from engine.vocab import TextEmbeddingCache, Vocabulary, load_vocabulary
 from kernels import ViewSpec, reproject
-
-ZERO_SHOT_SCALE = 100.0  # readings are softmax(100 * cos), CLIP's zero-shot convention
 
 
 @dataclass
@@ -298,8 +296,8 @@ class Engine:
             ]
 
         count = views.shape[1]
-        per_view = top((ZERO_SHOT_SCALE * views @ text.T).softmax(dim=-1))
-        overall = top((ZERO_SHOT_SCALE * pooled @ text.T).softmax(dim=-1))
+        per_view = top((ZERO_SHOT_LOGIT_SCALE * views @ text.T).softmax(dim=-1))
+        overall = top((ZERO_SHOT_LOGIT_SCALE * pooled @ text.T).softmax(dim=-1))
         return {"pooled": overall, "views": [per_view[m * count : (m + 1) * count] for m in range(len(overall))]}
 
     # -- introspection ------------------------------------------------------------------------
