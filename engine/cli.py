@@ -23,6 +23,16 @@ from engine.views import DEFAULT_SIZE, PRESETS, describe_presets
 # kernels.BACKENDS, written out so that building the parser does not import torch (a test keeps them equal).
 BACKENDS = ("auto", "triton", "numba", "torch")
 
+# Commands that live beside the features they drive, each a module with add_parsers(commands) and
+# run(args) -> exit status, or None when the command is not its own. They import torch lazily.
+COMMAND_MODULES = ("engine.dream_cli",)
+
+
+def _command_modules():
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -37,7 +47,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimetic",
-        description="Cut 360° equirectangular panoramas into perspective views and read them with CLIP (Stable Diffusion arrives in a later version).",
+        description="Cut 360° equirectangular panoramas into perspective views, read them with CLIP and redraw them with Stable Diffusion.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"mimetic {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -87,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     tiny = model_commands.add_parser(
-        "make-tiny", help="write a tiny untrained open_clip model to DIR/clip (local-dir format), for tests and offline demos"
+        "make-tiny",
+        help="write tiny untrained models for tests and offline demos: open_clip in DIR/clip (local-dir), diffusers in DIR/sd",
     )
     tiny.add_argument("dir", type=Path, metavar="DIR")
+
+    for module in _command_modules():
+        module.add_parsers(commands)
 
     bench = commands.add_parser(
         "bench", help="run the benchmarks (bench/run_all.py); results go to bench/results/", description="Run bench.run_all; extra arguments are passed on to it."
@@ -113,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args)
     if args.command == "models":
         return cmd_models(args)
+    for module in _command_modules():
+        status = module.run(args)
+        if status is not None:
+            return status
     return cmd_bench(args, extra)
 
 
@@ -214,10 +232,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from engine.dream_cli import make_tiny_sd
     from engine.models.tiny import make_tiny_clip
 
     path = make_tiny_clip(args.dir)
     print(f"tiny untrained open_clip model written to {path}; load it with --clip-model local-dir:{path}")
+    make_tiny_sd(args.dir)
     return 0
 
 

@@ -24,3 +24,5 @@ class EngineConfig:
     antialias: bool = True  # footprint filter in the reprojection kernel
     decode_workers: int = 4  # threads decoding images ahead of the model
     max_pixels: int = 2**28  # decompression-bomb guard, per image
+    sd_model: str | None = None  # a local diffusers folder (dream, walk, loop)
+    sd_batch_size: int = 8  # views per Stable Diffusion call

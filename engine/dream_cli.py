@@ -1,0 +1,217 @@
+"""The ``mimetic dream``, ``walk`` and ``loop`` commands: thin shells over ``engine.dream``.
+
+    mimetic dream PANO [PANO ...] (--prompt TEXT | --from-labels styles,periods [--template T]) --out DIR
+    mimetic walk --keyframes walk.yaml --out walk.mp4
+    mimetic loop IMAGE [IMAGE ...] --iterations 100 --strength 0.3 --out DIR
+
+``engine.cli`` wires them in with ``add_parsers(commands)`` and ``run(args)``. Parameters are checked
+before any model loads (exit status 2 and the reason on stderr); an input that fails is reported with
+its name and the others go on (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+COMMANDS = ("dream", "walk", "loop")
+
+
+def add_parsers(commands) -> None:
+    """Add ``dream``, ``walk`` and ``loop`` to the ``mimetic`` command's subparsers."""
+    from engine.cli import add_engine_arguments
+
+    dream = commands.add_parser(
+        "dream",
+        help="img2img of every view of each panorama with Stable Diffusion, with CLIP mimesis scores",
+        description=(
+            "Cut each panorama's views (--views) at the model's size, dream each with img2img from one --prompt or from "
+            "CLIP's top label in each --from-labels vocabulary (through --template), and score each dream with CLIP. "
+            "Writes DIR/<stem>_<index>_y<yaw>_p<pitch>_view.png and _dream.png (and _stepNNN.png with --trajectory-every) "
+            "and DIR/dreams.json, the record of every parameter, seed, prompt and score."
+        ),
+    )
+    dream.add_argument("panos", nargs="+", metavar="PANO", help="equirectangular panorama files")
+    source = dream.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt for every view")
+    source.add_argument("--from-labels", metavar="VOCABS", help="comma-separated vocabularies (names or files) whose top labels make each view's prompt; KEY=VOCABULARY names its placeholder")
+    dream.add_argument("--template", help='prompt template over the vocabularies, e.g. "a photograph of {styles}, {periods}" (the default), or with --from-labels style=styles,place=urban,period=periods "a photograph of a {style} {place}, {period}"')
+    dream.add_argument("--strength", type=float, default=0.5, help="img2img strength in (0, 1] (default 0.5)")
+    dream.add_argument("--steps", type=int, default=30, help="denoising steps of the full schedule (default 30; img2img runs steps x strength)")
+    dream.add_argument("--trajectory-every", type=int, default=None, metavar="K", help="also keep the predicted clean image of every K-th step, with its CLIP drift")
+    _add_generation_arguments(dream)
+    dream.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    add_engine_arguments(dream)
+    _add_model_arguments(dream)
+
+    walk = commands.add_parser(
+        "walk",
+        help="a latent walk between keyframed prompts and seeds, rendered to MP4",
+        description=(
+            "Read keyframes (frame, prompt, seed) from a YAML or JSON file, interpolate the start noise by slerp and the "
+            "prompt embeddings by lerp, render every frame with text2img, and write OUT (.mp4), OUT-contact.png and "
+            "OUT.json. Flags override the file's settings."
+        ),
+    )
+    walk.add_argument("--keyframes", required=True, type=Path, help="YAML/JSON: keyframes: [{frame, prompt, seed}, ...] and optional steps, guidance, negative_prompt, fps, batch_size")
+    walk.add_argument("--out", required=True, type=Path, metavar="FILE.mp4")
+    walk.add_argument("--steps", type=int, default=None, help="denoising steps per frame (default 25)")
+    walk.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    walk.add_argument("--negative-prompt", default=None)
+    walk.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default 12)")
+    walk.add_argument("--frames", type=Path, default=None, metavar="DIR", help="also write every frame as a PNG here")
+    add_engine_arguments(walk)
+    _add_model_arguments(walk)
+
+    loop = commands.add_parser(
+        "loop",
+        help="apply img2img to its own output again and again, recording CLIP drift from the original",
+        description=(
+            "Centre-crop each image to a square at the model's size, then feed it through img2img --iterations times, "
+            "each time on the previous output. Writes DIR/<stem>/frame_NNNN.png, DIR/<stem>.mp4, DIR/<stem>-contact.png, "
+            "DIR/<stem>-drift.csv and DIR/loop.json (every parameter, seed and drift value)."
+        ),
+    )
+    loop.add_argument("images", nargs="+", metavar="IMAGE", help="any images (views, dreams, paintings)")
+    loop.add_argument("--iterations", type=int, default=100, help="K: times img2img is applied (default 100)")
+    loop.add_argument("--strength", type=float, default=0.3, help="img2img strength in (0, 1] (default 0.3)")
+    loop.add_argument("--steps", type=int, default=30, help="denoising steps of the full schedule (default 30)")
+    loop.add_argument("--prompt", default="", help='prompt for every iteration (default "": the model alone)')
+    loop.add_argument("--fps", type=int, default=12, help="frames per second of the MP4 (default 12)")
+    _add_generation_arguments(loop)
+    loop.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    add_engine_arguments(loop)
+    _add_model_arguments(loop)
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 turns it off)")
+    parser.add_argument("--negative-prompt", default="", help="negative prompt (default none)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--size, plus --sd-model and --sd-batch-size where the engine's flags (EngineConfig) have not added them."""
+    group = parser.add_argument_group("stable diffusion")
+    present = {option for action in parser._actions for option in action.option_strings}
+    if "--sd-model" not in present:
+        group.add_argument("--sd-model", default=None, metavar="DIR", help="a local diffusers folder (model_index.json, unet/, vae/, ...)")
+    if "--sd-batch-size" not in present:
+        group.add_argument("--sd-batch-size", type=int, default=8, help="images per diffusion call (default 8)")
+    group.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of 8 (default: the model's own, 512 for SD 1.5)")
+
+
+def make_tiny_sd(directory: str | Path) -> Path:
+    """For ``mimetic models make-tiny DIR``: write the tiny Stable Diffusion to DIR/sd and say how to use it."""
+    from engine.models.tiny_sd import make_tiny_sd as make
+
+    path = make(directory)
+    print(f"tiny untrained Stable Diffusion written to {path}; load it with --sd-model {path}")
+    return path
+
+
+def run(args: argparse.Namespace) -> int | None:
+    """Run ``args.command`` if it is one of ours; None otherwise."""
+    if args.command not in COMMANDS:
+        return None
+    try:
+        return {"dream": _dream, "walk": _walk, "loop": _loop}[args.command](args)
+    except ValueError as exc:  # bad parameters, keyframes, vocabularies or model folder: no traceback
+        print(f"mimetic {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dreamer(args, config):
+    from engine.models.diffusion import DiffusionModelError, Dreamer, check_size
+
+    if args.size is not None:
+        check_size(args.size)
+    if not args.sd_model:
+        raise DiffusionModelError("no Stable Diffusion model: pass --sd-model DIR (a local diffusers folder; `mimetic models make-tiny DIR` writes a tiny one to DIR/sd)")
+    return Dreamer(args.sd_model, device=config.device, attention=config.attention, compile=config.compile, size=args.size)
+
+
+def _dream(args) -> int:
+    from engine.cli import config_from_args
+    from engine.dream import DreamParams, dream_iter, save_dreams
+    from engine.pipeline import Engine, Panorama
+
+    labels = tuple(part.strip() for part in (args.from_labels or "").split(",") if part.strip())
+    params = DreamParams(
+        prompt=args.prompt, from_labels=labels, template=args.template, negative_prompt=args.negative_prompt,
+        strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        trajectory_every=args.trajectory_every, batch_size=args.sd_batch_size,
+    )
+    params.check()  # before any model loads
+    config = config_from_args(args)
+    dreamer = _dreamer(args, config)
+    engine = Engine(config)
+    start = time.perf_counter()
+    results = []
+    for result in dream_iter(engine, dreamer, [Panorama(id=path, data=path) for path in args.panos], params):
+        if result.error:
+            print(f"mimetic dream: error: {result.error}", file=sys.stderr)
+        else:
+            mean = sum(d.scores["view_dream"] for d in result.dreams) / len(result.dreams)
+            print(f"{result.id}: {len(result.dreams)} dreams, mean view<->dream cosine {mean:.3f}; first prompt: {result.dreams[0].prompt!r}")
+        results.append(result)
+    record = save_dreams(results, args.out, engine=engine, dreamer=dreamer, params=params, seconds=time.perf_counter() - start)
+    failed = [r for r in results if r.error]
+    print(f"{len(results) - len(failed)} of {len(results)} panoramas dreamt -> {record}")
+    return 1 if failed else 0
+
+
+def _walk(args) -> int:
+    from engine.cli import config_from_args
+    from engine.dream import WalkParams, load_keyframes, save_walk, walk
+
+    keyframes, settings = load_keyframes(args.keyframes)
+    overrides = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt, "fps": args.fps}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.setdefault("batch_size", args.sd_batch_size)
+    try:
+        params = WalkParams(**settings)
+        params.check()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{args.keyframes}: {exc}") from None
+    dreamer = _dreamer(args, config_from_args(args))
+    start = time.perf_counter()
+    result = walk(dreamer, keyframes, params)
+    written = save_walk(result, args.out, dreamer=dreamer, frames_dir=args.frames, seconds=time.perf_counter() - start)
+    print(f"{len(result.frames)} frames -> {written['video']} ({written['contact_sheet'].name}, {written['record'].name})")
+    return 0
+
+
+def _loop(args) -> int:
+    from engine.cli import config_from_args
+    from engine.decode import DecodeError, decode_image
+    from engine.dream import LoopParams, loop, save_loop
+    from engine.pipeline import Engine
+
+    params = LoopParams(
+        iterations=args.iterations, strength=args.strength, steps=args.steps, guidance=args.guidance, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.sd_batch_size,
+    )
+    params.check()
+    if args.fps < 1:
+        raise ValueError(f"fps must be an integer >= 1, got {args.fps}")
+    config = config_from_args(args)
+    images, failed = [], []
+    for path in args.images:
+        try:
+            images.append((path, decode_image(path, max_pixels=config.max_pixels)))
+        except DecodeError as exc:
+            print(f"mimetic loop: error: {exc}", file=sys.stderr)
+            failed.append({"source": path, "error": exc.reason})
+    dreamer = _dreamer(args, config)
+    engine = Engine(config)
+    start = time.perf_counter()
+    results = loop(engine, dreamer, images, params) if images else []
+    record = save_loop(results, args.out, engine=engine, dreamer=dreamer, params=params, fps=args.fps,
+                       sources=[path for path, _ in images], failed=failed, seconds=time.perf_counter() - start)
+    for result in results:
+        print(f"{result.id}: {len(result.seeds)} iterations, CLIP drift from the original {result.drift[-1]:.3f}")
+    print(f"{len(results)} of {len(args.images)} images looped -> {record}")
+    return 1 if failed else 0
