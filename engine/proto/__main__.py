@@ -1,0 +1,3 @@
+from engine.proto import main
+
+main()

@@ -1,0 +1,180 @@
+"""``mimetic serve`` and ``mimetic call``: the gRPC service's commands.
+
+    mimetic serve [engine flags] [--host 127.0.0.1] [--port 50051] [--metrics-port N] [--max-batch VIEWS]
+                  [--max-delay-ms MS] [--token TOKEN] [--tls-cert PEM --tls-key PEM] ...
+    mimetic call embed ADDRESS FILE [FILE ...] [--out FILE.parquet] [--views PRESET] [--token TOKEN] [--tls CA.pem]
+    mimetic call info ADDRESS
+
+``add_parsers(commands)`` adds them to the ``mimetic`` command's subparsers and ``run(args)`` runs
+them (None for another command). ``python -m engine.server_cli serve ...`` runs them standalone.
+The token defaults to ``$MIMETIC_TOKEN``, which keeps it out of the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from engine.cli import _positive_int, add_engine_arguments, config_from_args
+
+TOKEN_HELP = "bearer token (default: $MIMETIC_TOKEN; none: no authentication)"
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
+    return value
+
+
+def add_parsers(commands) -> None:
+    from engine.server_config import DEFAULT_PORT, ServerConfig
+
+    defaults = ServerConfig()
+    serve = commands.add_parser(
+        "serve",
+        help="serve the engine over gRPC: streaming Embed with per-item errors, EmbedText, GetInfo; health, reflection, metrics",
+        description=(
+            "Load the engine and serve mimetic.v1.Mimetic until SIGTERM or SIGINT, then drain: stop reading, answer what "
+            "was read within --grace seconds, stop. Binds 127.0.0.1 unless --host says otherwise."
+        ),
+    )
+    add_engine_arguments(serve)
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default=defaults.host, help=f"address to listen on (default {defaults.host}; 0.0.0.0: every interface)")
+    group.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0: any free port)")
+    group.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    group.add_argument("--max-batch", type=_positive_int, default=None, help="views per engine call (default: --batch-size)")
+    group.add_argument("--max-delay-ms", type=_non_negative_float, default=defaults.max_delay_ms,
+                       help=f"the longest a batch's first item waits for others (default {defaults.max_delay_ms:g})")
+    group.add_argument("--max-in-flight", type=_positive_int, default=defaults.max_in_flight,
+                       help=f"requests per stream read ahead of the responses written (default {defaults.max_in_flight})")
+    group.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
+                       help=f"items waiting for a batch, over every stream (default {defaults.max_queue})")
+    group.add_argument("--max-streams", type=_positive_int, default=defaults.max_streams, help=f"concurrent calls (default {defaults.max_streams})")
+    group.add_argument("--max-message-mb", type=_positive_int, default=defaults.max_message_bytes // 2**20,
+                       help=f"message size limit both ways, MiB (default {defaults.max_message_bytes // 2**20})")
+    group.add_argument("--grace", type=_non_negative_float, default=defaults.grace_s,
+                       help=f"seconds to finish in-flight work on SIGTERM (default {defaults.grace_s:g})")
+    group.add_argument("--token", default=os.environ.get("MIMETIC_TOKEN"), help=TOKEN_HELP)
+    group.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    group.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+
+    call = commands.add_parser("call", help="call a running mimetic server (embed files, print its info)")
+    actions = call.add_subparsers(dest="call_command", metavar="ACTION", required=True)
+    embed = actions.add_parser(
+        "embed",
+        help="embed panorama files on a server and print their top labels",
+        description="Stream FILEs to the server at ADDRESS; print each one's top labels; with --out, write the results as "
+        "`mimetic embed` does. The exit status is 1 if any file failed.",
+    )
+    embed.add_argument("address", metavar="ADDRESS", help="host:port")
+    embed.add_argument("files", nargs="+", metavar="FILE", help="equirectangular panoramas (JPEG, PNG, WebP)")
+    embed.add_argument("--out", type=Path, default=None, help="Parquet file to write (a row per view and a pooled row per panorama)")
+    embed.add_argument("--views", default=None, help="a view preset (default: the server's views)")
+    embed.add_argument("--vocabularies", default=None, help="comma-separated subset of the server's vocabularies")
+    embed.add_argument("--top-k", type=_positive_int, default=None, help="labels per reading (default: the server's)")
+    info = actions.add_parser("info", help="print the server's models, views, vocabularies, versions and limits as JSON")
+    info.add_argument("address", metavar="ADDRESS", help="host:port")
+    for parser in (embed, info):
+        parser.add_argument("--token", default=os.environ.get("MIMETIC_TOKEN"), help=TOKEN_HELP)
+        parser.add_argument("--tls", default=None, metavar="CA.pem|system", help="use TLS, trusting this CA (or the system's roots)")
+
+
+def run(args: argparse.Namespace) -> int | None:
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "call":
+        return cmd_call(args)
+    return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.pipeline import Engine
+    from engine.server import serve
+    from engine.server_config import ServerConfig
+
+    config = ServerConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port, max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms, max_in_flight=args.max_in_flight, max_queue=args.max_queue,
+        max_streams=args.max_streams, max_message_bytes=args.max_message_mb * 2**20, grace_s=args.grace,
+        token=args.token, tls_cert=str(args.tls_cert) if args.tls_cert else None,
+        tls_key=str(args.tls_key) if args.tls_key else None,
+    )
+    try:
+        config.check()
+    except ValueError as exc:
+        print(f"mimetic serve: error: {exc}", file=sys.stderr)
+        return 2
+    engine_config = config_from_args(args)
+    try:
+        return serve(config, lambda: Engine(engine_config))
+    except OSError as exc:
+        print(f"mimetic serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_readings(result) -> None:
+    if result.error:
+        print(f"{result.id}: error: {result.error}", file=sys.stderr)
+        return
+    parts = [f"{name}: " + ", ".join(f"{label} {p:.2f}" for label, p in r["pooled"][:3]) for name, r in result.readings.items()]
+    print(f"{result.id}: " + " | ".join(parts))
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    import grpc
+
+    from engine.client import MimeticClient
+    from engine.pipeline import Panorama
+
+    tls = True if args.tls == "system" else args.tls
+    try:
+        with MimeticClient(args.address, token=args.token, tls=tls, retries=2) as client:
+            if args.call_command == "info":
+                print(json.dumps(client.info(), indent=2))
+                return 0
+            vocabularies = [v.strip() for v in args.vocabularies.split(",") if v.strip()] if args.vocabularies else None
+            results = []
+            panoramas = (Panorama(id=path, data=path) for path in args.files)
+            for result in client.embed(panoramas, views=args.views, vocabularies=vocabularies, top_k=args.top_k):
+                _print_readings(result)
+                results.append(result)
+    except grpc.RpcError as exc:
+        print(f"mimetic call: error: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        from engine.results import write_parquet
+
+        write_parquet(results, args.out)
+    failed = sum(1 for r in results if r.error)
+    print(f"{len(results) - failed} of {len(results)} panoramas embedded" + (f" -> {args.out}" if args.out else ""))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone ``serve`` and ``call`` (the same as ``mimetic serve`` / ``mimetic call``)."""
+    parser = argparse.ArgumentParser(prog="mimetic", description="mimetic's gRPC service and its client")
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    result = run(parser.parse_args(argv))
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The gRPC server's settings (``engine.server.ServerConfig``), apart so that building the CLI stays light."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_PORT = 50051
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+@dataclass
+class ServerConfig:
+    """How the server listens and batches. Every field is a ``mimetic serve`` flag."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = DEFAULT_PORT  # 0: any free port (see MimeticServer.port)
+    metrics_port: int | None = None  # Prometheus text format on http://host:metrics_port/metrics; None: off
+    max_batch: int | None = None  # views per engine call; None: the Engine's batch_size
+    max_delay_ms: float = 5.0  # the longest the first item of a batch waits for others
+    max_in_flight: int = 16  # K: requests per stream read ahead of the responses written
+    max_queue: int = 512  # items waiting for a batch, over every stream
+    max_streams: int = 64  # concurrent calls (more are refused with RESOURCE_EXHAUSTED)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both ways
+    max_views: int = 64  # views per item
+    max_thumbnail_size: int = 512
+    grace_s: float = 30.0  # to finish in-flight work when draining
+    token: str | None = None  # bearer token; None: no authentication
+    tls_cert: str | None = None  # PEM certificate chain (path); with tls_key: TLS
+    tls_key: str | None = None
+
+    def check(self) -> None:
+        for name in ("max_in_flight", "max_queue", "max_streams", "max_message_bytes", "max_views", "max_thumbnail_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_batch is not None and self.max_batch <= 0:
+            raise ValueError(f"max_batch must be positive, got {self.max_batch}")
+        if not (self.max_delay_ms >= 0 and math.isfinite(self.max_delay_ms)):
+            raise ValueError(f"max_delay_ms must be a finite number >= 0, got {self.max_delay_ms}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key (tls_cert and tls_key)")
+        if self.token is not None and not self.token:
+            raise ValueError("an empty token would accept any 'Bearer ' header: pass a real token or none")

@@ -1,0 +1,171 @@
+"""The Engine's Python objects <-> the wire messages of ``proto/mimetic/v1/mimetic.proto``.
+
+The one module that knows both sides, so that ``server`` and ``client`` convert the same way:
+
+    tensor_to_proto(t) / tensor_from_proto(msg)      (N, D) tensors as raw little-endian float16 bytes
+    view_to_proto(v) / view_from_proto(msg)          kernels.ViewSpec <-> View
+    readings_to_proto(...) / readings_from_proto(m)  {vocabulary: {"pooled": [(label, p)], "views": [[...]]}}
+    meta_to_struct(d) / meta_from_struct(s)          the metadata dict, echoed back (JSON values)
+    info_to_proto(info, ...) / info_from_proto(msg)  Engine.info() plus the server's limits
+    result_from_response(msg, ...)                   an EmbedResponse -> the EmbedResult the Engine gives
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from google.protobuf import json_format, struct_pb2
+
+from engine.pipeline import EmbedResult
+from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+from kernels import ViewSpec
+
+_FLOAT16 = np.dtype("<f2")
+
+OUTPUTS = {
+    "view_embeddings": pb.OUTPUT_VIEW_EMBEDDINGS,
+    "pooled": pb.OUTPUT_POOLED,
+    "readings": pb.OUTPUT_READINGS,
+    "thumbnails": pb.OUTPUT_THUMBNAILS,
+}
+DEFAULT_OUTPUTS = frozenset({pb.OUTPUT_VIEW_EMBEDDINGS, pb.OUTPUT_POOLED, pb.OUTPUT_READINGS})
+
+
+def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
+    """Any float tensor -> float16 bytes, little-endian, row-major, with its shape."""
+    array = tensor.detach().to("cpu", torch.float16).contiguous().numpy()
+    return pb.Tensor(data=array.astype(_FLOAT16, copy=False).tobytes(), shape=list(array.shape), dtype=pb.DTYPE_FLOAT16)
+
+
+def tensor_from_proto(message: pb.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """A float16 ``Tensor`` message -> a CPU tensor of ``dtype``; a size that does not match the shape is a ValueError."""
+    if message.dtype != pb.DTYPE_FLOAT16:
+        raise ValueError(f"expected a float16 tensor, got dtype {pb.DType.Name(message.dtype)}")
+    shape = tuple(message.shape)
+    count = int(np.prod(shape)) if shape else 1
+    if len(message.data) != 2 * count:
+        raise ValueError(f"tensor of shape {shape} needs {2 * count} bytes of float16, got {len(message.data)}")
+    array = np.frombuffer(message.data, dtype=_FLOAT16).reshape(shape)
+    return torch.from_numpy(array.astype(np.float16)).to(dtype)  # astype copies: the tensor owns writable memory
+
+
+def view_to_proto(view: ViewSpec) -> pb.View:
+    return pb.View(yaw=view.yaw, pitch=view.pitch, roll=view.roll, fov=view.fov, width=view.width, height=view.height)
+
+
+def view_from_proto(message: pb.View) -> ViewSpec:
+    return ViewSpec(message.yaw, message.pitch, message.roll, message.fov, message.width, message.height)
+
+
+def _labels(pairs) -> pb.Labels:
+    return pb.Labels(labels=[pb.Label(label=label, p=p) for label, p in pairs])
+
+
+def readings_to_proto(readings: dict, names, top_k: int) -> list[pb.Reading]:
+    """The Engine's readings for ``names``, in that order, each list cut to its ``top_k`` most likely labels."""
+    return [
+        pb.Reading(
+            vocabulary=name,
+            pooled=_labels(readings[name]["pooled"][:top_k]),
+            views=[_labels(view[:top_k]) for view in readings[name]["views"]],
+        )
+        for name in names
+    ]
+
+
+def readings_from_proto(readings) -> dict:
+    def pairs(labels: pb.Labels) -> list[tuple[str, float]]:
+        return [(label.label, label.p) for label in labels.labels]
+
+    return {r.vocabulary: {"pooled": pairs(r.pooled), "views": [pairs(v) for v in r.views]} for r in readings}
+
+
+def meta_to_struct(meta: dict | None) -> struct_pb2.Struct:
+    """A JSON-like dict -> Struct; anything else (bytes, arrays, ...) is a TypeError or ValueError naming the key."""
+    struct = struct_pb2.Struct()
+    for key, value in (meta or {}).items():
+        try:
+            struct.update({key: value})
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"meta[{key!r}] cannot go over the wire as JSON ({type(value).__name__}: {exc})") from exc
+    return struct
+
+
+def meta_from_struct(struct: struct_pb2.Struct) -> dict:
+    return json_format.MessageToDict(struct)
+
+
+def info_to_proto(info: dict, *, limits: pb.Limits, dream: bool, view_presets, vocabulary_labels: dict) -> pb.Info:
+    """``Engine.info()`` -> ``Info``; ``vocabulary_labels`` maps each vocabulary to its labels."""
+    clip = info["clip"]
+    return pb.Info(
+        clip=pb.ClipInfo(
+            model=clip["model"], weights=clip["weights"] or "", embed_dim=clip["embed_dim"],
+            image_size=clip["image_size"], mean=clip["mean"], std=clip["std"], compiled=clip["compiled"],
+        ),
+        device=info["device"],
+        dtype=info["dtype"],
+        attention=info["attention"],
+        reprojection=pb.ReprojectionInfo(**info["reprojection"]),
+        views=[pb.View(**view) for view in info["views"]],
+        vocabularies=[
+            pb.VocabularyInfo(name=name, template=v["template"], labels=vocabulary_labels[name])
+            for name, v in info["vocabularies"].items()
+        ],
+        batch_size=info["batch_size"],
+        top_k=info["top_k"],
+        versions={package: version or "" for package, version in info["versions"].items()},
+        limits=limits,
+        dream=dream,
+        view_presets=list(view_presets),
+    )
+
+
+def info_from_proto(message: pb.Info) -> dict:
+    """``Info`` -> the dict ``Engine.info()`` gives, plus ``"server"``: limits, view presets, labels, dream."""
+    clip = message.clip
+    return {
+        "clip": {
+            "model": clip.model, "weights": clip.weights or None, "embed_dim": clip.embed_dim,
+            "image_size": list(clip.image_size), "mean": list(clip.mean), "std": list(clip.std), "compiled": clip.compiled,
+        },
+        "device": message.device,
+        "dtype": message.dtype,
+        "attention": message.attention,
+        "reprojection": {
+            "backend": message.reprojection.backend,
+            "antialias": message.reprojection.antialias,
+            "min_decode_width": message.reprojection.min_decode_width,
+        },
+        "views": [asdict(view_from_proto(view)) for view in message.views],
+        "vocabularies": {v.name: {"template": v.template, "labels": len(v.labels)} for v in message.vocabularies},
+        "batch_size": message.batch_size,
+        "top_k": message.top_k,
+        "versions": {package: version or None for package, version in message.versions.items()},
+        "server": {
+            "limits": {f.name: getattr(message.limits, f.name) for f in message.limits.DESCRIPTOR.fields},
+            "view_presets": list(message.view_presets),
+            "labels": {v.name: list(v.labels) for v in message.vocabularies},
+            "dream": message.dream,
+        },
+    }
+
+
+def result_from_response(response: pb.EmbedResponse, *, dtype: torch.dtype, views: list[ViewSpec]) -> EmbedResult:
+    """An ``EmbedResponse`` -> ``EmbedResult``: embeddings in ``dtype`` (the server engine's), ``error`` from the status.
+
+    ``views`` are used for a failed item, whose response carries none (the Engine reports its own views).
+    """
+    meta = meta_from_struct(response.meta)
+    if response.status.code != 0:
+        return EmbedResult(id=response.id, views=views, meta=meta, error=response.status.message)
+    return EmbedResult(
+        id=response.id,
+        views=[view_from_proto(view) for view in response.views],
+        embeddings=tensor_from_proto(response.embeddings, dtype) if response.HasField("embeddings") else None,
+        pooled=tensor_from_proto(response.pooled, dtype) if response.HasField("pooled") else None,
+        readings=readings_from_proto(response.readings),
+        meta=meta,
+    )
