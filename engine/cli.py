@@ -25,7 +25,7 @@ BACKENDS = ("auto", "triton", "numba", "torch")
 
 # Commands that live beside the features they drive, each a module with add_parsers(commands) and
 # run(args) -> exit status, or None when the command is not its own. They import torch lazily.
-COMMAND_MODULES = ("engine.dream_cli", "engine.server_cli")
+COMMAND_MODULES = ("engine.dream_cli", "engine.server_cli", "engine.ingest_cli")
 
 
 def _command_modules():

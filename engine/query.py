@@ -1,0 +1,152 @@
+"""Text queries over a run folder: panoramas (or views) ranked by CLIP similarity, exactly.
+
+    from engine.query import query, write_results
+    hits = query("runs/rome", "a baroque church", top=20)      # hits.positive, hits.negative: lists of dicts
+    write_results(hits, "runs/rome/queries/a-baroque-church")   # .csv and .geojson
+
+The text is embedded by the run's own model (its configuration is in the manifest), and scored
+against every stored embedding with one torch matrix product per part file, on the GPU when there
+is one: an exact search, no index. Only committed shards are read. ``positive`` holds the ``top``
+best matches, best first; ``negative`` the ``top`` worst, worst first, taken from the rest (no row
+is both). The GeoJSON puts each at its lat/lon with ``polarity`` "positive" or "negative": the
+circles of a "World Gist" map.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import EngineConfig
+from engine.ingest import RunFolder, committed_parts, make_engine
+
+COLUMNS = {
+    "panoramas": ["id", "lat", "lon", "heading", "captured_at", "source"],
+    "views": ["id", "view", "yaw", "pitch", "bearing", "lat", "lon"],
+}
+
+
+@dataclasses.dataclass
+class QueryResult:
+    text: str
+    table: str  # "panoramas" or "views"
+    rows: int  # how many were scored
+    positive: list[dict]
+    negative: list[dict]
+
+
+def run_engine(run: str | os.PathLike, device: str = "auto"):
+    """An Engine with the run's model and weights (no vocabularies: only its text tower is needed)."""
+    manifest = RunFolder(run).load_manifest()
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    stored = {k: v for k, v in manifest["engine_config"].items() if k in fields}
+    stored.update(vocabularies=(), device=device)
+    return make_engine(EngineConfig(**stored))
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """list<float16> -> (N, D) float16, without a Python loop."""
+    lists = column.combine_chunks()
+    if len(lists) == 0:
+        return np.zeros((0, 0), np.float16)
+    values = lists.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(lists), -1)
+
+
+def query(run: str | os.PathLike, text: str, *, top: int = 20, views: bool = False, engine=None, device: str = "auto") -> QueryResult:
+    """Rank the run's panoramas (or views) by cosine similarity to ``text``; both ends of the ranking."""
+    import torch
+
+    if top <= 0:
+        raise ValueError(f"top must be positive, got {top}")
+    table = "views" if views else "panoramas"
+    engine = engine or run_engine(run, device)
+    query_vector = engine.embed_text([text])[0].to(engine.device, torch.float32)
+    dtype = torch.float16 if engine.device.type == "cuda" else torch.float32
+    parts = committed_parts(run, table)
+    scores = []
+    for part in parts:
+        with warnings.catch_warnings():  # Arrow's buffer is read-only; the tensor is only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            embeddings = torch.from_numpy(_matrix(pq.read_table(part, columns=["embedding"]).column("embedding")))
+        if len(embeddings):
+            scores.append((embeddings.to(engine.device, dtype) @ query_vector.to(dtype)).float().cpu())
+        else:
+            scores.append(torch.zeros(0))
+    sizes = [len(s) for s in scores]
+    scores = torch.cat(scores) if scores else torch.zeros(0)
+    count = len(scores)
+    best = torch.topk(scores, min(top, count)).indices.tolist()
+    rest = torch.ones(count, dtype=torch.bool)
+    rest[best] = False
+    remaining = rest.nonzero().flatten()
+    worst = remaining[torch.topk(-scores[remaining], min(top, len(remaining))).indices].tolist()
+
+    starts = np.cumsum([0, *sizes])
+    wanted: dict[int, list[int]] = {}
+    for row in best + worst:
+        part = int(np.searchsorted(starts, row, side="right") - 1)
+        wanted.setdefault(part, []).append(row)
+    records = {}
+    for part, rows in wanted.items():  # only the parts holding a hit are read again, for their columns
+        data = pq.read_table(parts[part], columns=COLUMNS[table]).take([row - starts[part] for row in rows]).to_pylist()
+        records.update(zip(rows, data, strict=True))
+
+    def ranked(indices: list[int], polarity: str) -> list[dict]:
+        return [{"polarity": polarity, "rank": rank, "score": float(scores[i]), **records[i]} for rank, i in enumerate(indices, 1)]
+
+    return QueryResult(text, table, count, ranked(best, "positive"), ranked(worst, "negative"))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "query"
+
+
+def write_results(result: QueryResult, prefix: str | os.PathLike) -> tuple[Path, Path]:
+    """PREFIX.csv (positive then negative rows) and PREFIX.geojson (a Point per row with lat/lon)."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    rows = result.positive + result.negative
+    columns = ["polarity", "rank", "score", *COLUMNS[result.table]]
+    csv_path, geojson_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".geojson")
+    with open(csv_path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [row["lon"], row["lat"]]}
+            if row.get("lat") is not None and row.get("lon") is not None else None,
+            "properties": {k: v for k, v in row.items() if k not in ("lat", "lon")},
+        }
+        for row in rows
+    ]
+    document = {"type": "FeatureCollection", "query": result.text, "table": result.table, "scored": result.rows,
+                "features": features}
+    geojson_path.write_text(json.dumps(document, indent=1) + "\n")
+    return csv_path, geojson_path
+
+
+def format_results(result: QueryResult) -> str:
+    """The ranking as a plain table, best first, then the worst."""
+    extra = ["view", "bearing"] if result.table == "views" else []
+    lines = [f"{result.text!r}: {result.rows} {result.table} scored"]
+    for title, rows in (("top", result.positive), ("bottom", result.negative)):
+        lines.append(f"{title}:")
+        for row in rows:
+            where = f"{row['lat']:.5f},{row['lon']:.5f}" if row.get("lat") is not None and row.get("lon") is not None else "-"
+            more = "".join(
+                f"  {key} {row[key]:g}" if isinstance(row.get(key), float) else f"  {key} {row.get(key)}" for key in extra
+            )
+            lines.append(f"  {row['rank']:>4}  {row['score']:+.4f}  {row['id']}  {where}{more}")
+    return "\n".join(lines)
