@@ -145,7 +145,8 @@ class Engine:
         views_per_pano = len(self.views)
         group_size = max(1, self.config.batch_size // views_per_pano)
         workers = max(1, self.config.decode_workers)
-        with ThreadPoolExecutor(workers, thread_name_prefix="mimetic-decode") as pool:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="mimetic-decode")
+        try:
             # Bounded prefetch: one group plus one image per worker ahead, so memory stays flat.
             window: deque[tuple[Panorama, Future]] = deque()
             ahead = group_size + workers
@@ -173,6 +174,10 @@ class Engine:
                     yield from self._run_group(group)
                     group = []
             yield from self._run_group(group)
+        finally:
+            # A generator abandoned half-way is closed wherever it is collected, possibly inside
+            # another thread's start-up: never block there. Pending decodes are cancelled.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _decode(self, item: Panorama) -> np.ndarray | torch.Tensor | bytes:
         """Validate an input and decode it, in a worker thread: a 2:1 uint8 (H, W, 3) panorama.
