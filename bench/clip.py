@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import io
-import json
-import re
 import statistics
 import time
 import warnings
@@ -35,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench._results import versions, write_result
 from bench.reproject import cpu_model
 from engine import Engine, EngineConfig, Panorama
 from kernels.geometry import py360convert_fov
@@ -167,21 +165,11 @@ def main(argv=None) -> dict:
         "rows": rows,
         "engine_fraction_of_model_only": fraction,
         "engine_speedup_over_naive": speedup,
-        "versions": {p: _version(p) for p in ("torch", "open_clip_torch", "numba", "triton", "py360convert")},
+        "versions": versions(("torch", "open_clip_torch", "numba", "triton", "py360convert")),
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = args.out or BENCH_DIR / "results" / f"clip-{slug}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result("clip", device_name, result["date"], result, args.out)
     return result
 
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
-import json
-import re
 import statistics
 import tempfile
 import time
@@ -36,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench._results import versions, write_result
 from bench.reproject import cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -240,20 +238,10 @@ def main(argv=None) -> dict:
         for name, why in gpu["skipped"].items():
             print(f"{name:<16}skipped: {why}")
 
-    result["versions"] = {p: _version(p) for p in ("torch", "diffusers", "transformers", "xformers")}
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = args.out or BENCH_DIR / "results" / f"diffusion-{slug}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    result["versions"] = versions(("torch", "diffusers", "transformers", "xformers"))
+    write_result("diffusion", device_name, result["date"], result, args.out)
     return result
 
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
-import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -45,6 +42,7 @@ import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench._results import versions, write_result
 from bench.clip import DEFAULT_PANO, jpeg_panoramas
 from bench.reproject import cpu_model
 from engine import Engine, EngineConfig, Panorama
@@ -260,21 +258,11 @@ def main(argv=None) -> dict:
         "load_average_before_after": [load_before, load_after],
         "latency": latency,
         "server_mean_batch_views": mean_batch,
-        "versions": {p: _version(p) for p in ("torch", "open_clip_torch", "grpcio", "protobuf", "numba")},
+        "versions": versions(("torch", "open_clip_torch", "grpcio", "protobuf", "numba")),
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = args.out or BENCH_DIR / "results" / f"grpc-{slug}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result("grpc", device, result["date"], result, args.out)
     return result
 
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

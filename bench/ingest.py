@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import statistics
 import tempfile
@@ -38,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from bench.clip import DEFAULT_PANO, _version, jpeg_panoramas
+from bench._results import versions, write_result
+from bench.clip import DEFAULT_PANO, jpeg_panoramas
 from bench.reproject import cpu_model
 from engine import EngineConfig, Panorama
 from engine.ingest import ingest, make_engine
@@ -148,13 +148,9 @@ def main(argv=None) -> dict:
         "rows": rows,
         "local_ingest_fraction_of_in_process": fraction,
         "target_fraction": TARGET_FRACTION,
-        "versions": {p: _version(p) for p in ("torch", "open_clip_torch", "pyarrow", "ray", "numba")},
+        "versions": versions(("torch", "open_clip_torch", "pyarrow", "ray", "numba")),
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = args.out or BENCH_DIR / "results" / f"ingest-{slug}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result("ingest", device_name, result["date"], result, args.out)
     return result
 
 

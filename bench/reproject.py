@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -45,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench._results import versions, write_result
 from kernels import ViewSpec, reproject
 from kernels.geometry import py360convert_fov, view_params
 from kernels.grid_sample import project_views
@@ -315,15 +314,6 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def versions() -> dict:
-    names = ["torch", "numba", "numpy", "triton", "py360convert", "opencv-python-headless", "pyequilib", "pillow"]
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def main(argv=None) -> dict:
@@ -359,7 +349,7 @@ def main(argv=None) -> dict:
             "gpu": gpu_name,
             "threads": {"torch": torch.get_num_threads(), "numba": numba.get_num_threads()},
         },
-        "versions": versions(),
+        "versions": versions(["torch", "numba", "numpy", "triton", "py360convert", "opencv-python-headless", "pyequilib", "pillow"]),
         "setup": {"source": args.pano.name, "views": [vars(v) for v in VIEWS], "repeats": repeats, "targets": TARGETS},
         "cpu": {},
         "gpu": {} if cuda else None,
@@ -372,11 +362,7 @@ def main(argv=None) -> dict:
             results["gpu"][size] = bench_gpu(img, max(repeats, 10))
             print_gpu_table(size, results["gpu"][size])
 
-    slug = re.sub(r"[^a-z0-9]+", "-", (gpu_name or results["host"]["cpu"]).lower()).strip("-")
-    out = args.out or BENCH_DIR / "results" / f"reproject-{slug}-{results['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result("reproject", gpu_name or results["host"]["cpu"], results["date"], results, args.out)
     return results
 
 

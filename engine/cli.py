@@ -34,7 +34,7 @@ def _command_modules():
     return [importlib.import_module(name) for name in COMMAND_MODULES]
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("panos", nargs="+", metavar="PANO", help="equirectangular panorama files (2:1, any format PIL reads)")
     rep.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created if missing)")
     rep.add_argument("--views", default="ring8", choices=list(PRESETS), help=f"view-set preset (default ring8). {presets}")
-    rep.add_argument("--size", type=_positive_int, default=DEFAULT_SIZE, help=f"view width and height in pixels (default {DEFAULT_SIZE})")
+    rep.add_argument("--size", type=positive_int, default=DEFAULT_SIZE, help=f"view width and height in pixels (default {DEFAULT_SIZE})")
     rep.add_argument("--fov", type=float, default=None, help="horizontal fov in degrees, edge to edge, replacing the preset's (90)")
     rep.add_argument("--no-antialias", dest="antialias", action="store_false", help="plain bilinear sampling instead of the footprint (tent) filter")
     rep.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default auto: triton on CUDA, numba on CPU)")
@@ -155,7 +155,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, tuple):
             group.add_argument(flag, dest=spec.name, default=",".join(default), help=f"comma-separated (default {','.join(default)})")
         elif isinstance(default, int):
-            group.add_argument(flag, dest=spec.name, type=_positive_int, default=default, help=f"(default {default})")
+            group.add_argument(flag, dest=spec.name, type=positive_int, default=default, help=f"(default {default})")
         else:
             group.add_argument(flag, dest=spec.name, default=default, help=f"(default {default})")
 

@@ -11,19 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli import positive_int
+
 # engine.ingest.DEFAULT_SHARD_SIZE, written out so that building the parser does not import pyarrow
 # (a test keeps them equal).
 DEFAULT_SHARD_SIZE = 1000
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_parsers(commands) -> None:
@@ -48,7 +41,7 @@ def add_parsers(commands) -> None:
         help="CSV, JSONL or GeoJSON keyed by id or file name (repeatable); lat/lon, heading (heading, compass_angle, ca, "
              "...) and captured_at are read, every other column is kept",
     )
-    ingest.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE,
+    ingest.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
                         help=f"inputs per Parquet shard, the unit of commit and resume (default {DEFAULT_SHARD_SIZE})")
     ingest.add_argument("--north-up", action="store_true",
                         help="turn each panorama by its heading so a view's yaw is its compass bearing (0 = north); "
@@ -57,7 +50,7 @@ def add_parsers(commands) -> None:
     ingest.add_argument("--engine", dest="runner", choices=("local", "ray"), default="local",
                         help="local: one Engine in this process (default); ray: an actor pool on Ray Data")
     ingest.add_argument("--address", default=None, help="Ray cluster address for --engine ray (default: start a local one)")
-    ingest.add_argument("--actors", type=_positive_int, default=None,
+    ingest.add_argument("--actors", type=positive_int, default=None,
                         help="Ray actors, each with its own Engine (default: one per GPU, or one per 4 CPUs)")
     add_engine_arguments(ingest)
 
@@ -72,7 +65,7 @@ def add_parsers(commands) -> None:
     )
     query.add_argument("run", type=Path, metavar="RUN", help="a run folder written by mimetic ingest")
     query.add_argument("text", metavar="TEXT")
-    query.add_argument("--top", type=_positive_int, default=20, help="results at each end of the ranking (default 20)")
+    query.add_argument("--top", type=positive_int, default=20, help="results at each end of the ranking (default 20)")
     query.add_argument("--views", action="store_true", help="rank single views instead of whole panoramas")
     query.add_argument("--out", type=Path, default=None, metavar="PREFIX",
                        help="output path without extension (default RUN/queries/<text>[-views])")

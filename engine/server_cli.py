@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import _positive_int, add_engine_arguments, config_from_args
+from engine.cli import add_engine_arguments, config_from_args, positive_int
 
 TOKEN_HELP = "bearer token (default: $MIMETIC_TOKEN; none: no authentication)"
 
@@ -60,15 +60,15 @@ def add_parsers(commands) -> None:
     group.add_argument("--host", default=defaults.host, help=f"address to listen on (default {defaults.host}; 0.0.0.0: every interface)")
     group.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0: any free port)")
     group.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
-    group.add_argument("--max-batch", type=_positive_int, default=None, help="views per engine call (default: --batch-size)")
+    group.add_argument("--max-batch", type=positive_int, default=None, help="views per engine call (default: --batch-size)")
     group.add_argument("--max-delay-ms", type=_non_negative_float, default=defaults.max_delay_ms,
                        help=f"the longest a batch's first item waits for others (default {defaults.max_delay_ms:g})")
-    group.add_argument("--max-in-flight", type=_positive_int, default=defaults.max_in_flight,
+    group.add_argument("--max-in-flight", type=positive_int, default=defaults.max_in_flight,
                        help=f"requests per stream read ahead of the responses written (default {defaults.max_in_flight})")
-    group.add_argument("--max-queue", type=_positive_int, default=defaults.max_queue,
+    group.add_argument("--max-queue", type=positive_int, default=defaults.max_queue,
                        help=f"items waiting for a batch, over every stream (default {defaults.max_queue})")
-    group.add_argument("--max-streams", type=_positive_int, default=defaults.max_streams, help=f"concurrent calls (default {defaults.max_streams})")
-    group.add_argument("--max-message-mb", type=_positive_int, default=defaults.max_message_bytes // 2**20,
+    group.add_argument("--max-streams", type=positive_int, default=defaults.max_streams, help=f"concurrent calls (default {defaults.max_streams})")
+    group.add_argument("--max-message-mb", type=positive_int, default=defaults.max_message_bytes // 2**20,
                        help=f"message size limit both ways, MiB (default {defaults.max_message_bytes // 2**20})")
     group.add_argument("--grace", type=_non_negative_float, default=defaults.grace_s,
                        help=f"seconds to finish in-flight work on SIGTERM (default {defaults.grace_s:g})")
@@ -89,7 +89,7 @@ def add_parsers(commands) -> None:
     embed.add_argument("--out", type=Path, default=None, help="Parquet file to write (a row per view and a pooled row per panorama)")
     embed.add_argument("--views", default=None, help="a view preset (default: the server's views)")
     embed.add_argument("--vocabularies", default=None, help="comma-separated subset of the server's vocabularies")
-    embed.add_argument("--top-k", type=_positive_int, default=None, help="labels per reading (default: the server's)")
+    embed.add_argument("--top-k", type=positive_int, default=None, help="labels per reading (default: the server's)")
     info = actions.add_parser("info", help="print the server's models, views, vocabularies, versions and limits as JSON")
     info.add_argument("address", metavar="ADDRESS", help="host:port")
     for parser in (embed, info):
