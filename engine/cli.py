@@ -270,26 +270,12 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _unique_stems(paths: list[str]) -> list[str]:
-    """Each panorama's file-name stem; a repeated stem gets -2, -3, ... so outputs never overwrite each other."""
-    used: set[str] = set()
-    stems = []
-    for path in paths:
-        base = Path(path).stem or "pano"
-        stem, count = base, 1
-        while stem in used:
-            count += 1
-            stem = f"{base}-{count}"
-        used.add(stem)
-        stems.append(stem)
-    return stems
-
-
 def cmd_reproject(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
     from engine.decode import DecodeError, decode_image
+    from engine.results import file_stems
     from engine.views import view_set
     from kernels import reproject
 
@@ -305,7 +291,7 @@ def cmd_reproject(args: argparse.Namespace) -> int:
     names = [f"{index:0{digits}d}_y{_number(v.yaw)}_p{_number(v.pitch)}" for index, v in enumerate(views)]
 
     done, failed = [], []
-    for path, stem in zip(args.panos, _unique_stems(args.panos), strict=True):
+    for path, stem in zip(args.panos, file_stems(args.panos), strict=True):
         try:
             pano = decode_image(path)
             panos = [torch.from_numpy(pano).to(device)]

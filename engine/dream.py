@@ -56,6 +56,7 @@ from engine.models.diffusion import (
     img2img_steps,
 )
 from engine.pipeline import Engine, Panorama, check_equirectangular
+from engine.results import file_stems
 from engine.vocab import Vocabulary, load_vocabulary
 from kernels import ViewSpec
 
@@ -686,20 +687,6 @@ def _save_png(image: np.ndarray, path: Path) -> str:
 
     Image.fromarray(image).save(path)
     return path.name
-
-
-def file_stems(ids: Sequence[str]) -> list[str]:
-    """A file-name stem per id (a path's stem, or the id made safe); repeats get -2, -3, ..."""
-    used, stems = set(), []
-    for item in ids:
-        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(item)).stem) or "item"
-        stem, count = base, 1
-        while stem in used:
-            count += 1
-            stem = f"{base}-{count}"
-        used.add(stem)
-        stems.append(stem)
-    return stems
 
 
 def _header(operation: str, dreamer: Dreamer, engine: Engine | None, params, seconds: float) -> dict:

@@ -67,3 +67,17 @@ def write_parquet(results, path: str | os.PathLike) -> Path:
     pq.write_table(results_table(results), tmp)
     os.replace(tmp, path)
     return path
+
+
+def file_stems(ids) -> list[str]:
+    """A file-name stem per id (a path's stem, or the id made safe); repeats get -2, -3, ..."""
+    used, stems = set(), []
+    for item in ids:
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(item)).stem) or "item"
+        stem, count = base, 1
+        while stem in used:
+            count += 1
+            stem = f"{base}-{count}"
+        used.add(stem)
+        stems.append(stem)
+    return stems
