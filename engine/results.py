@@ -81,3 +81,38 @@ def file_stems(ids) -> list[str]:
         used.add(stem)
         stems.append(stem)
     return stems
+
+
+# -- CSV ---------------------------------------------------------------------------------------------
+
+# A text cell that starts with one of these is run as a formula by Excel, LibreOffice and Sheets
+# (OWASP's "CSV injection"): "=HYPERLINK(...)", "@SUM(...)", "+1+1", "-2+3", a tab or a CR.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A CSV cell that no spreadsheet runs: text starting with = + - @, tab or CR gets a leading ``'``.
+
+    Numbers (int, float, numpy scalars) stay numbers, so a negative value is still -0.25 and not
+    text; None stays an empty cell. OWASP's advice, applied to every text cell the project writes.
+    """
+    if value is None or isinstance(value, (bool, int, float, np.integer, np.floating)):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def write_csv(path: str | os.PathLike, rows, fieldnames) -> Path:
+    """Rows (dicts) to a spreadsheet-safe CSV, atomically (a temporary name, renamed when complete)."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(fieldnames), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: spreadsheet_safe(value) for key, value in row.items()})
+    os.replace(tmp, path)
+    return path
