@@ -24,5 +24,7 @@ class EngineConfig:
     antialias: bool = True  # footprint filter in the reprojection kernel
     decode_workers: int = 4  # threads decoding images ahead of the model
     max_pixels: int = 2**28  # decompression-bomb guard, per image
+    max_decode_mib: int = 2048  # memory for images being decoded or waiting for the model, over every input at once
+    seed: int = 0  # seeds the untrained weights of --random-weights, so a demo or bench run is reproducible
     sd_model: str | None = None  # a local diffusers folder (dream, walk, loop)
     sd_batch_size: int = 8  # views per Stable Diffusion call
