@@ -15,13 +15,17 @@ PIL does the decoding. What each input becomes:
   RGBA and grey+alpha PNGs reach us already reduced to 8 bits by PIL, which keeps the high byte
   (floor(v / 256)); that is within one level of round(v / 257).
 * 32-bit integer (I, other than from PNG) and float (F) images: rejected, their range is not known.
-* EXIF orientation is applied (PIL's ``exif_transpose``), so the array is the image as displayed.
+* EXIF orientation is applied (as PIL's ``exif_transpose`` does, on the array), so the array is the image as displayed.
 * Several frames (GIF, APNG, MPO, TIFF pages): the first one.
 
 Decompression bombs: the size is read from the header (``Image.open`` is lazy) and checked against
 ``max_pixels`` before a single pixel is decoded. This per-call limit replaces PIL's process-wide
 ``Image.MAX_IMAGE_PIXELS``, which this module switches off on import: PIL's would otherwise warn from
 89 MP (a 16k x 8k panorama is 134 MP) and refuse anything over 179 MP whatever ``max_pixels`` says.
+A pixel limit does not bound memory across many items, though: ``read_header`` and ``decode_cost``
+give what a decode will take, so that callers admit it against a shared ``engine.budget.DecodeBudget``
+first. Decoding converts a strip of rows at a time, so its peak is PIL's copy plus ours (7 bytes per
+pixel), not three whole-image temporaries.
 
 Reduced-size decoding (``min_width``): a JPEG can be decoded at 1/2, 1/4 or 1/8 of its size by
 libjpeg's DCT scaling (PIL's ``Image.draft``), which skips most of the inverse DCT and colour work.
@@ -50,10 +54,11 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +145,10 @@ def _from_pil(stream, item: str, max_pixels: int | None, min_width: int | None =
             if min_width is not None and isinstance(im, JpegImagePlugin.JpegImageFile):
                 _draft(im, min_width)
             im.load()
-            return _to_rgb8(im, item)
+            orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation; 1 is "as stored"
+            rgb = _to_rgb8(im, item)
+        # The PIL image is freed by now: turning the array costs its own size once, not PIL's on top.
+        return _oriented(rgb, orientation)
     except (DecodeError, MemoryError):
         raise
     except Exception as exc:
@@ -192,6 +200,86 @@ def required_width(views: Sequence[ViewSpec], *, densest: bool = False) -> int:
     return math.ceil(round(widest, 6))  # round first: a width that is an integer up to float noise stays it
 
 
+# Peak bytes per decoded pixel: PIL's own storage (at most 4: RGB is kept as RGBX) plus the (H, W, 3)
+# array it is converted into, a strip at a time (``_to_rgb8``); an EXIF turn afterwards costs 3 + 3.
+# A strip's temporaries (PIL's crop, its array) come on top, a constant. Measured on a 12000 x 6000
+# PNG and JPEG: 7.3 bytes per pixel at the peak, 3.0 held after (10 at the peak before the strips).
+DECODE_PEAK_BYTES_PER_PIXEL = 7
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, before any pixel is decoded. ``width`` and ``height`` are as displayed
+    (after an EXIF turn by 90°); ``stored`` is (width, height) as stored."""
+
+    width: int
+    height: int
+    format: str | None
+    stored: tuple[int, int]
+    orientation: int = 1
+
+
+def read_header(source, *, name: str | None = None) -> ImageHeader:
+    """The size and format of ``source`` (a path, encoded bytes or an array) from its header alone.
+
+    Cheap: PIL reads a few kilobytes. Raises ``DecodeError`` naming the item for an empty, unreadable or
+    unrecognised input; a header that reads but whose data is corrupt fails later, in ``decode_image``.
+    """
+    if isinstance(source, np.ndarray):
+        height, width = source.shape[:2] if source.ndim >= 2 else (0, 0)
+        return ImageHeader(width, height, None, (width, height))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        item = name or f"<{len(source)} bytes>"
+        if len(source) == 0:
+            raise DecodeError(item, "empty input (0 bytes)")
+        return _header(io.BytesIO(source), item)
+    if isinstance(source, (str, os.PathLike)):
+        item = name or os.fspath(source)
+        try:
+            stream = open(source, "rb")  # closed by the with below
+        except OSError as exc:
+            raise DecodeError(item, f"cannot read the file ({exc.strerror or exc})") from exc
+        with stream:
+            if os.fstat(stream.fileno()).st_size == 0:
+                raise DecodeError(item, "empty file (0 bytes)")
+            return _header(stream, item)
+    raise TypeError(f"read_header takes a path, bytes or a numpy array, got {type(source).__name__}")
+
+
+def _header(stream, item: str) -> ImageHeader:
+    try:
+        with Image.open(stream) as im:
+            width, height = im.size
+            orientation = im.getexif().get(0x0112, 1)
+            image_format = im.format
+    except Exception as exc:
+        raise DecodeError(item, _reason(exc)) from exc
+    shown = (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+    return ImageHeader(shown[0], shown[1], image_format, (width, height), orientation)
+
+
+def decoded_size(header: ImageHeader, *, min_width: int | None = None) -> tuple[int, int]:
+    """(width, height) as stored that ``decode_image(..., min_width=min_width)`` decodes to: PIL's draft rule for a JPEG."""
+    width, height = header.stored
+    if min_width is None or header.format != "JPEG":
+        return width, height
+    columns, rows = min_width, -(-min_width // 2)
+    if header.orientation in _TRANSPOSING_ORIENTATIONS:
+        columns, rows = rows, columns
+    most = min(width // columns, height // rows)
+    scale = next((s for s in (8, 4, 2) if s <= most), 1)
+    return -(-width // scale), -(-height // scale)
+
+
+def decode_cost(header: ImageHeader, *, min_width: int | None = None) -> int:
+    """Peak bytes that decoding this image takes (``DECODE_PEAK_BYTES_PER_PIXEL`` per decoded pixel):
+    what a decode is admitted for against an ``engine.budget.DecodeBudget``. An array costs its copy."""
+    if header.format is None:
+        return 3 * header.width * header.height
+    width, height = decoded_size(header, min_width=min_width)
+    return DECODE_PEAK_BYTES_PER_PIXEL * width * height + min(3 * _STRIP_BYTES, 4 * width * height)
+
+
 def _reason(exc: Exception) -> str:
     text = str(exc).strip()
     if "truncated" in text.lower() or isinstance(exc, EOFError):
@@ -201,37 +289,53 @@ def _reason(exc: Exception) -> str:
     return f"corrupt or unsupported image ({type(exc).__name__}: {text})" if text else f"corrupt or unsupported image ({type(exc).__name__})"
 
 
+# Rows converted per step: PIL's own copy of the image plus ours is the peak, not two or three
+# whole-image temporaries (np.asarray of a PIL image goes through tobytes, and convert() makes one
+# more image). See ``decode_cost``.
+_STRIP_BYTES = 8 * 2**20
+
+# EXIF orientation -> the array as displayed (the same result as PIL's exif_transpose, checked by a test).
+_ORIENT = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1),
+}
+
+
 def _to_rgb8(im: Image.Image, item: str) -> np.ndarray:
-    stored_format = im.format  # exif_transpose returns a new image without it
-    orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation; 1 is "as stored"
-    if orientation != 1:
-        im = ImageOps.exif_transpose(im)
-    if im.mode == "RGB":
-        rgb = np.asarray(im)
-    elif im.mode in _GREY16_MODES or (im.mode == "I" and stored_format == "PNG"):
-        # Older PIL opens 16-bit greyscale PNGs as mode I (int32 holding 0..65535).
-        rgb = np.repeat(_scale16(np.asarray(im))[:, :, None], 3, axis=2)
-    elif im.mode in ("I", "F"):
+    """The loaded image as stored, as a C-contiguous uint8 (H, W, 3) array, converted a strip of rows at a time."""
+    if im.mode in ("I", "F") and not (im.mode == "I" and im.format == "PNG"):
         raise DecodeError(item, f"unsupported pixel mode {im.mode} (32-bit {'float' if im.mode == 'F' else 'integer'}): its range is unknown")
-    else:
-        try:
-            rgb = np.asarray(im.convert("RGB"))  # 1, L, P, LA, PA, RGBA, RGBX, CMYK, YCbCr, ...; alpha dropped
-        except ValueError as exc:
-            raise DecodeError(item, f"cannot convert pixel mode {im.mode} to RGB ({exc})") from exc
-    return _own(rgb)
+    width, height = im.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_BYTES // max(1, 4 * width))
+    for top in range(0, height, rows):
+        strip = im.crop((0, top, width, min(height, top + rows))) if rows < height else im
+        out[top : top + rows] = _strip_rgb8(strip, item)
+    return out
+
+
+def _strip_rgb8(im: Image.Image, item: str) -> np.ndarray:
+    if im.mode == "RGB":
+        return np.asarray(im)
+    if im.mode in _GREY16_MODES or im.mode == "I":
+        # 16-bit greyscale (older PIL opens 16-bit greyscale PNGs as mode I, int32 holding 0..65535).
+        return _scale16(np.asarray(im))[:, :, None]
+    try:
+        return np.asarray(im.convert("RGB"))  # 1, L, P, LA, PA, RGBA, RGBX, CMYK, YCbCr, ...; alpha dropped
+    except ValueError as exc:
+        raise DecodeError(item, f"cannot convert pixel mode {im.mode} to RGB ({exc})") from exc
+
+
+def _oriented(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    turn = _ORIENT.get(orientation)
+    return rgb if turn is None else np.ascontiguousarray(turn(rgb))
 
 
 def _scale16(values: np.ndarray) -> np.ndarray:
     """uint16 (or int holding 0..65535) -> uint8 by round(v / 257): exact for v = 257 * k."""
     wide = values.astype(np.uint32)
     return ((wide + 128) // 257).astype(np.uint8)
-
-
-def _own(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous, writable array (np.asarray of a PIL image can be read-only)."""
-    if not array.flags.c_contiguous or not array.flags.writeable:
-        array = np.array(array, order="C")
-    return array
 
 
 def _from_array(array: np.ndarray, item: str, max_pixels: int | None) -> np.ndarray:
