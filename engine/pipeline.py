@@ -18,6 +18,7 @@ its place in the input order.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import warnings
 from collections import deque
@@ -28,8 +29,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from engine.budget import DecodeBudget, Reservation
 from engine.config import EngineConfig
-from engine.decode import DecodeError, decode_image, decode_jpeg_batch_cuda, required_width
+from engine.decode import (
+    DecodeError,
+    check_pixels,
+    decode_cost,
+    decode_image,
+    decode_jpeg_batch_cuda,
+    read_header,
+    required_width,
+)
 from engine.models.clip import ZERO_SHOT_LOGIT_SCALE, ClipModel, load_clip
 from engine.views import view_set
 from engine.vocab import TextEmbeddingCache, Vocabulary, load_vocabulary
@@ -64,7 +74,7 @@ class EmbedResult:
 
 def read_bytes(data, item_id: str) -> bytes:
     """Encoded bytes of a path or bytes input; an unreadable or empty file is a DecodeError naming the item."""
-    if isinstance(data, (bytes, bytearray)):
+    if isinstance(data, (bytes, bytearray, memoryview)):
         blob = bytes(data)
     else:
         try:
@@ -78,9 +88,44 @@ def read_bytes(data, item_id: str) -> bytes:
 
 
 def check_equirectangular(item_id: str, shape: tuple) -> None:
+    """A 2:1 (height, width, ...) shape, or a DecodeError naming the item and the size it has."""
     height, width = shape[:2]
     if width != 2 * height:
         raise DecodeError(item_id, f"equirectangular panoramas are 2:1, got {width}x{height}")
+
+
+class InvalidPanoramaError(DecodeError):
+    """A Panorama whose fields (not its image) are wrong: an empty id, a yaw_offset that is not a finite number."""
+
+
+def wrapped_degrees(value) -> float:
+    """An angle in degrees reduced to [0, 360) exactly, in float64 (fmod is exact), for any finite value.
+
+    1e20 or 1e300 degrees is a direction like any other; reducing it here keeps every later float32
+    step (the kernels add radians to longitudes) in range, whatever the caller sends.
+    """
+    wrapped = math.fmod(float(value), 360.0)
+    return wrapped + 360.0 if wrapped < 0.0 else wrapped
+
+
+@dataclass
+class _Admitted:
+    """An input that passed the checks: its decode cost, and the bytes held for it in the decode budget."""
+
+    item: Panorama
+    cost: int
+    yaw_offset: float  # wrapped_degrees
+    reservation: Reservation | None = None
+
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+
+
+def _failed_future(exc: Exception) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
 
 
 class Engine:
@@ -90,6 +135,11 @@ class Engine:
         self.config = config = config or EngineConfig()
         if config.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {config.batch_size}")
+        if isinstance(config.max_decode_mib, bool) or not isinstance(config.max_decode_mib, int) or config.max_decode_mib <= 0:
+            raise ValueError(f"max_decode_mib must be a positive number of MiB, got {config.max_decode_mib!r}")
+        # One budget of decoded bytes for everything decoding for this Engine: its own pool, and a
+        # server's streams (engine.server), which share it through the Engine.
+        self.decode_budget = DecodeBudget(config.max_decode_mib * 2**20)
         self.clip: ClipModel = load_clip(
             config.clip_model,
             config.clip_weights,
@@ -141,107 +191,180 @@ class Engine:
         return list(self.embed_iter(panoramas))
 
     def embed_iter(self, panoramas: Iterable[Panorama]) -> Iterator[EmbedResult]:
-        """Like ``embed``, but yields each result, in input order, as soon as its batch is done."""
+        """Like ``embed``, but yields each result, in input order, as soon as its batch is done.
+
+        Memory: each input is admitted against ``decode_budget`` (its cost read from its header)
+        before it is decoded, and holds its decoded size until its group has been embedded. When the
+        budget is short, what is already decoded is embedded first, to make room.
+        """
         views_per_pano = len(self.views)
         group_size = max(1, self.config.batch_size // views_per_pano)
         workers = max(1, self.config.decode_workers)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="mimetic-decode")
+        window: deque[tuple[_Admitted | Panorama, Future]] = deque()  # decoding, in input order
+        group: list[tuple[_Admitted, object]] = []  # decoded, waiting for the kernel and the model
+        waiting: _Admitted | None = None  # checked, not yet admitted: no room in the budget
         try:
             # Bounded prefetch: one group plus one image per worker ahead, so memory stays flat.
-            window: deque[tuple[Panorama, Future]] = deque()
             ahead = group_size + workers
             source = iter(panoramas)
             exhausted = False
-            group: list[tuple[Panorama, np.ndarray | torch.Tensor]] = []
             while True:
                 while not exhausted and len(window) < ahead:
-                    item = next(source, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    window.append((item, pool.submit(self._decode, item)))
+                    if waiting is None:
+                        item = next(source, None)
+                        if item is None:
+                            exhausted = True
+                            break
+                        try:
+                            waiting = self._check(item)
+                        except (DecodeError, ValueError, TypeError) as exc:
+                            window.append((item, _failed_future(exc)))  # answered in its place
+                            continue
+                    try:
+                        # Wait for room only when nothing of ours holds any: else make room first.
+                        if not self._reserve(waiting, wait=not window and not group):
+                            break
+                    except DecodeError as exc:  # it can never fit
+                        window.append((waiting.item, _failed_future(exc)))
+                        waiting = None
+                        continue
+                    window.append((waiting, pool.submit(self._decode, waiting)))
+                    waiting = None
                 if not window:
-                    break
-                item, future = window.popleft()
-                try:
-                    group.append((item, future.result()))
-                except (DecodeError, ValueError, TypeError) as exc:
-                    yield from self._run_group(group)  # keep input order: flush what came before
+                    if waiting is None:
+                        break
+                    yield from self._flush(group)  # the budget is held by our own group: embed it
                     group = []
-                    yield self._failed(item, exc)
+                    continue
+                admitted, future = window.popleft()
+                try:
+                    group.append((admitted, future.result()))
+                except (DecodeError, ValueError, TypeError) as exc:
+                    if isinstance(admitted, _Admitted):
+                        admitted.release()
+                    yield from self._flush(group)  # keep input order: flush what came before
+                    group = []
+                    yield self._failed(getattr(admitted, "item", admitted), exc)
                     continue
                 if len(group) == group_size:
-                    yield from self._run_group(group)
+                    yield from self._flush(group)
                     group = []
-            yield from self._run_group(group)
+            yield from self._flush(group)
         finally:
             # A generator abandoned half-way is closed wherever it is collected, possibly inside
             # another thread's start-up: never block there. Pending decodes are cancelled.
             pool.shutdown(wait=False, cancel_futures=True)
+            for admitted in [a for a, _ in window] + [a for a, _ in group] + [waiting]:
+                if isinstance(admitted, _Admitted):
+                    admitted.release()
 
-    def _decode(self, item: Panorama) -> np.ndarray | torch.Tensor | bytes:
-        """Validate an input and decode it, in a worker thread: a 2:1 uint8 (H, W, 3) panorama.
+    def _check(self, item: Panorama) -> _Admitted:
+        """Validate an input and read what decoding it will cost, from its header: no pixel is decoded.
 
-        With nvJPEG in use, encoded input is only read here (bytes) and decoded on the GPU for the
-        whole group at once, in ``_decode_on_device``.
+        A panorama that is not 2:1 is refused here, with the size its file has.
         """
         if not isinstance(item, Panorama):
             raise TypeError(f"expected a Panorama, got {type(item).__name__}")
         if not isinstance(item.id, str) or not item.id:
-            raise ValueError(f"panorama id must be a non-empty string, got {item.id!r}")
-        if not np.isfinite(item.yaw_offset):
-            raise ValueError(f"{item.id}: yaw_offset must be finite, got {item.yaw_offset}")
+            raise InvalidPanoramaError(repr(item.id), "panorama id must be a non-empty string")
+        offset = item.yaw_offset
+        if isinstance(offset, bool) or not isinstance(offset, (int, float, np.integer, np.floating)) or not math.isfinite(offset):
+            raise InvalidPanoramaError(item.id, f"yaw_offset must be a finite number of degrees, got {offset!r}")
+        data = item.data
+        if isinstance(data, (np.ndarray, torch.Tensor)):
+            return _Admitted(item, 0, wrapped_degrees(offset))  # the caller's memory, already spent
+        if not isinstance(data, (bytes, bytearray, memoryview, str, os.PathLike)):
+            raise InvalidPanoramaError(item.id, f"data must be a path, bytes or a uint8 array, got {type(data).__name__}")
+        header = read_header(data, name=item.id)
+        check_equirectangular(item.id, (header.height, header.width))
+        check_pixels(item.id, header.width, header.height, self.config.max_pixels)
+        min_width = None if self.decode_on_device else self.min_decode_width
+        return _Admitted(item, decode_cost(header, min_width=min_width), wrapped_degrees(offset))
+
+    def _reserve(self, admitted: _Admitted, *, wait: bool) -> bool:
+        """Hold the input's cost in the decode budget; False when there is no room and ``wait`` is off."""
+        if admitted.cost == 0:
+            return True
+        budget = self.decode_budget
+        if wait:
+            admitted.reservation = budget.acquire(admitted.cost, item=admitted.item.id)
+        else:
+            admitted.reservation = budget.try_acquire(admitted.cost, item=admitted.item.id)
+        return admitted.reservation is not None
+
+    def _decode(self, admitted: _Admitted) -> np.ndarray | torch.Tensor | bytes:
+        """In a worker thread: a 2:1 uint8 (H, W, 3) panorama; the reservation shrinks to what it holds.
+
+        With nvJPEG in use, encoded input is only read here (bytes) and decoded on the GPU for the
+        whole group at once, in ``_decode_on_device``.
+        """
+        item = admitted.item
         data = item.data
         if isinstance(data, torch.Tensor):
             data = data.detach().cpu().numpy()
-        if self.decode_on_device and isinstance(data, (bytes, bytearray, str, os.PathLike)):
+        if self.decode_on_device and isinstance(data, (bytes, bytearray, memoryview, str, os.PathLike)):
             return read_bytes(data, item.id)
         pano = decode_image(data, name=item.id, max_pixels=self.config.max_pixels, min_width=self.min_decode_width)
         check_equirectangular(item.id, pano.shape)
+        if admitted.reservation is not None:
+            admitted.reservation.shrink(pano.nbytes)  # the decoder's scratch is gone
         if self.device.type == "cuda":
             return torch.from_numpy(pano).pin_memory()  # lets the copy to the GPU run asynchronously
         return pano
 
-    def _decode_on_device(self, group: list[tuple[Panorama, object]]) -> list[tuple[Panorama, object]]:
+    def _decode_on_device(self, group: list[tuple[_Admitted, object]]) -> list[tuple[_Admitted, object]]:
         """Decode the group's encoded panoramas in one batched nvJPEG call; a failure stays with its item."""
         encoded = [k for k, (_, payload) in enumerate(group) if isinstance(payload, bytes)]
         if not encoded:
             return group
         decoded = decode_jpeg_batch_cuda(
-            [group[k][1] for k in encoded], [group[k][0].id for k in encoded],
+            [group[k][1] for k in encoded], [group[k][0].item.id for k in encoded],
             device=self.device, max_pixels=self.config.max_pixels,
         )
         group = list(group)
         for k, pano in zip(encoded, decoded, strict=True):
             if not isinstance(pano, DecodeError):
                 try:
-                    check_equirectangular(group[k][0].id, tuple(pano.shape))
+                    check_equirectangular(group[k][0].item.id, tuple(pano.shape))
                 except DecodeError as exc:
                     pano = exc
             group[k] = (group[k][0], pano)
         return group
 
     def _failed(self, item, exc: Exception) -> EmbedResult:
+        """The item's result with its error: the message names the item once."""
         item_id = getattr(item, "id", None)
         message = str(exc) if isinstance(exc, DecodeError) else f"{item_id}: {exc}"
         meta = getattr(item, "meta", {}) if isinstance(getattr(item, "meta", None), dict) else {}
         return EmbedResult(id=str(item_id), views=self.views, meta=meta, error=message)
 
-    def _run_group(self, group: list[tuple[Panorama, object]]) -> list[EmbedResult]:
+    def _flush(self, group: list[tuple[_Admitted, object]]) -> list[EmbedResult]:
+        """Embed a group, then give its decode budget back."""
+        try:
+            return self._run_group(group)
+        finally:
+            for admitted, _ in group:
+                admitted.release()
+
+    def _run_group(self, group: list[tuple[_Admitted, object]]) -> list[EmbedResult]:
         """Reproject a group of panoramas in one launch, embed all their views in one model call."""
         group = self._decode_on_device(group)
-        ready = [(item, pano) for item, pano in group if not isinstance(pano, DecodeError)]
+        ready = [(admitted, pano) for admitted, pano in group if not isinstance(pano, DecodeError)]
         embedded = {}
         if ready:
-            items = [item for item, _ in ready]
-            views = self._reproject([pano for _, pano in ready], [item.yaw_offset for item in items])
+            items = [admitted.item for admitted, _ in ready]
+            views = self._reproject([pano for _, pano in ready], [admitted.yaw_offset for admitted, _ in ready])
             count = len(self.views)
             flat = views.reshape(len(items) * count, *views.shape[2:])
             embeddings = torch.cat(
                 [self.clip.encode_images(chunk) for chunk in flat.split(self.config.batch_size)]
             ).view(len(items), count, -1)
             embedded = {id(item): result for item, result in zip(items, self._results(items, embeddings), strict=True)}
-        return [embedded[id(item)] if id(item) in embedded else self._failed(item, pano) for item, pano in group]
+        return [
+            embedded[id(admitted.item)] if id(admitted.item) in embedded else self._failed(admitted.item, pano)
+            for admitted, pano in group
+        ]
 
     def _reproject(self, panos: list, yaw_offsets: list[float]) -> torch.Tensor:
         """(M, N, 3, h, w) views in the model's dtype, normalised with its mean and std, on its device."""
