@@ -100,7 +100,12 @@ class DecodeBudget:
         """Under the lock: admit waiters from the head of the line while they fit."""
         while self._line and self.in_use + self._line[0].nbytes <= self.limit:
             waiter = self._line.popleft()
-            waiter.granted(self._take(waiter.nbytes))
+            reservation = self._take(waiter.nbytes)
+            try:
+                waiter.granted(reservation)
+            except RuntimeError:  # its event loop is closed: nobody will use or release these bytes
+                self.in_use -= reservation.nbytes
+                reservation.nbytes = 0
 
     def try_acquire(self, nbytes: int, *, item: str) -> Reservation | None:
         """Take ``nbytes`` now if they are free and nobody is waiting ahead; else None."""
