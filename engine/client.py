@@ -18,20 +18,39 @@ gives them (``ordered=False``: as they arrive). A bad item comes back with ``err
 message the Engine gives, and the rest go on. Embeddings cross the wire as float16 and are handed
 back in the server engine's dtype (float32 from a CPU server, float16 from a CUDA one, as locally).
 
-Retries: a call that fails with UNAVAILABLE (no server yet, a restart, a server that drains) is
-tried again with exponential backoff, up to ``retries`` times. For ``embed`` the new stream sends
-again exactly the requests that had no answer, so nothing is lost and nothing comes back twice.
-Any other status is raised at once, as ``grpc.RpcError``.
+Settings are checked when ``embed`` is called, before any request goes out: a view preset typo
+(``views="rign8"``), an unknown output, a negative ``top_k`` or a bad view is a ``ValueError`` naming
+the value; the blocking client also checks vocabularies, ``top_k`` and the view count against the
+server's info there. A setting error is one error, not one failure per panorama.
+
+Retries: a call that fails with UNAVAILABLE (no server yet, a restart, a server that drains) is tried
+again after an exponential backoff with jitter (``backoff_s``, doubling, each wait capped at
+``max_backoff_s`` and drawn from its upper half so that clients spread out) for as long as the server
+has been silent for less than ``retry_budget_s`` (default 60 s; ``retries`` may cap the number of
+retries too). The budget counts from the first failure and starts afresh with each answer, so a long
+stream survives any number of restarts, each shorter than the budget. For ``embed`` the new stream
+sends again exactly the requests that had no answer, in input order: an answer that reached the
+client is never asked for again and no request is dropped, so every input gets one result.
+
+When the budget runs out the call raises ``ServerUnavailableError``, a ``grpc.RpcError`` with code
+UNAVAILABLE, with one line saying how long it waited. For ``embed`` it is raised where the caller
+iterates, after every result that had come back: in input order these are exactly the first
+``error.delivered`` inputs, and ``error.unanswered`` lists the ids of the items read from the input
+that have no result. One exception, rather than an error result per item: the items not yet read
+from the input cannot have a result either, and a stream that ended with per-item errors would look
+like a batch that went on. Any status other than UNAVAILABLE is raised at once, as ``grpc.RpcError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -44,7 +63,7 @@ from engine.pipeline import EmbedResult, Panorama, read_bytes
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
 from engine.server_config import DEFAULT_MAX_MESSAGE_BYTES
-from engine.views import view_set
+from engine.views import DEFAULT_SIZE, view_set
 from kernels import ViewSpec
 
 _END = object()
@@ -56,6 +75,68 @@ class ThumbnailedResult(EmbedResult):
     """An EmbedResult with ``thumbnails``: a JPEG per view, when ``embed(..., outputs=[..., "thumbnails"])``."""
 
     thumbnails: list[bytes] = field(default_factory=list)
+
+
+class ServerUnavailableError(grpc.RpcError):
+    """The server gave no answer within the retry budget (or ``retries``): raised instead of the last UNAVAILABLE.
+
+    For ``embed``: ``delivered``, how many results were handed back first (in input order, the first
+    ``delivered`` inputs); ``unanswered``, the ids, in input order, of the items read from the input
+    that have no result.
+    """
+
+    def __init__(self, address: str, waited_s: float, limit: str, last: grpc.RpcError):
+        super().__init__()
+        self.address, self.waited_s, self.limit, self.last = address, waited_s, limit, last
+        self.delivered = 0
+        self.unanswered: list[str] = []
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        text = f"no answer for {self.waited_s:.1f} s, giving up ({self.limit})"
+        if self.unanswered:
+            count = len(self.unanswered)
+            text += f"; no result for {count} item{'s' if count != 1 else ''} read from the input, the first {self.unanswered[0]!r}"
+        last = " ".join(str(self.last.details() or self.last.code().name).split())  # grpc's text may span lines
+        return f"{text}; last status: {last}"
+
+    def __str__(self) -> str:
+        return f"{self.address}: {self.details()}"
+
+
+class _Outage:
+    """The server's silence, from the first failed try since its last answer: the retry budget's clock."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.attempt = 0
+
+    def waited(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _check_seconds(name: str, value, *, zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a finite number of seconds {'>= 0' if zero else '> 0'}, got {value!r}")
+
+
+def _check_settings(views, outputs, top_k, item_timeout_s) -> None:
+    """The request settings that need no server, checked when ``embed`` is called: one clear ValueError."""
+    if views is not None:
+        # A preset by name (the error lists them), or a list of views under the ViewSpec rules; a dict's
+        # size is the server's model input, so only its angles are checked here.
+        view_set(views if isinstance(views, str) else [
+            {**v, "width": DEFAULT_SIZE, "height": DEFAULT_SIZE} if isinstance(v, Mapping) else v for v in views
+        ])
+    unknown = [name for name in outputs or () if name not in wire.OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown output {unknown[0]!r}; choose from {', '.join(wire.OUTPUTS)}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
+    if item_timeout_s is not None:
+        _check_seconds("item_timeout_s", item_timeout_s)
 
 
 def _credentials(tls) -> grpc.ChannelCredentials | None:
@@ -73,14 +154,25 @@ def _credentials(tls) -> grpc.ChannelCredentials | None:
 
 
 class AsyncMimeticClient:
-    """asyncio client of one server. ``token``: a bearer token; ``tls``: see ``_credentials``."""
+    """asyncio client of one server. ``token``: a bearer token; ``tls``: see ``_credentials``.
+
+    ``retry_budget_s``: how long the server may stay silent before a call gives up; ``backoff_s`` and
+    ``max_backoff_s``: the first wait between tries and the cap on each; ``retries``: an optional cap on
+    the number of retries after one outage (None: the budget alone). See the module's "Retries".
+    """
 
     def __init__(
-        self, address: str, token: str | None = None, tls=None, *, retries: int = 5, backoff_s: float = 0.1,
-        max_backoff_s: float = 5.0, max_in_flight: int | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        timeout_s: float | None = None,
+        self, address: str, token: str | None = None, tls=None, *, retry_budget_s: float = 60.0, retries: int | None = None,
+        backoff_s: float = 0.1, max_backoff_s: float = 5.0, max_in_flight: int | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout_s: float | None = None,
     ):
+        _check_seconds("retry_budget_s", retry_budget_s, zero=True)
+        _check_seconds("backoff_s", backoff_s)
+        _check_seconds("max_backoff_s", max_backoff_s)
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+            raise ValueError(f"retries must be a whole number >= 0 or None, got {retries!r}")
         self.address = address
+        self.retry_budget_s = float(retry_budget_s)
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -88,7 +180,13 @@ class AsyncMimeticClient:
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s  # for the unary calls
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
+            # grpc's own reconnection follows the same schedule: its default grows to 120 s between
+            # attempts, which would leave a server that came back unseen for most of the budget.
+            ("grpc.initial_reconnect_backoff_ms", max(1, round(backoff_s * 1e3))),
+            ("grpc.max_reconnect_backoff_ms", max(1, round(max_backoff_s * 1e3))),
+        ]
         credentials = _credentials(tls)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
@@ -111,15 +209,34 @@ class AsyncMimeticClient:
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
     async def _unary(self, method, request):
-        attempt = 0
+        outage = None
         while True:
             try:
                 return await method(request, metadata=self.metadata, timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
-                    raise
-            await asyncio.sleep(self.backoff(attempt))
-            attempt += 1
+                failure = exc
+            outage = outage or _Outage()
+            await self._retry_or_raise(outage, failure)
+
+    async def _retry_or_raise(self, outage: _Outage, failure: grpc.RpcError) -> None:
+        """After a failed try: wait for the next, or raise (another status, or the budget is spent)."""
+        if failure.code() != grpc.StatusCode.UNAVAILABLE:
+            raise failure
+        if self.retries is not None and outage.attempt >= self.retries:
+            raise ServerUnavailableError(self.address, outage.waited(), f"{self.retries} retries", failure)
+        budget = f"the retry budget of {self.retry_budget_s:g} s is spent"
+        left = self.retry_budget_s - outage.waited()
+        if left <= 0:
+            raise ServerUnavailableError(self.address, outage.waited(), budget, failure)
+        await asyncio.sleep(min(self.backoff(outage.attempt), left))
+        outage.attempt += 1
+        # Connect within what is left of the budget: a call started before the connection is up waits
+        # for it (a host that drops packets: 20 s and more), and the budget would not be a bound.
+        if self._channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            try:
+                await asyncio.wait_for(self._channel.channel_ready(), max(0.0, self.retry_budget_s - outage.waited()))
+            except asyncio.TimeoutError:
+                raise ServerUnavailableError(self.address, outage.waited(), budget, failure) from None
 
     async def _server_info(self) -> pb.Info:
         if self._info is None:
@@ -139,7 +256,7 @@ class AsyncMimeticClient:
         response = await self._unary(self._stub.EmbedText, pb.EmbedTextRequest(texts=list(texts)))
         return wire.tensor_from_proto(response.embeddings, getattr(torch, info.dtype))
 
-    async def embed(
+    def embed(
         self, panoramas: Iterable[Panorama] | AsyncIterable[Panorama], *, ordered: bool = True, views=None,
         vocabularies: list[str] | None = None, top_k: int | None = None, outputs: list[str] | None = None,
         thumbnail_size: int | None = None, item_timeout_s: float | None = None,
@@ -150,15 +267,35 @@ class AsyncMimeticClient:
         a subset of the server's; ``top_k``: at most the server's; ``outputs``: some of "view_embeddings",
         "pooled", "readings", "thumbnails" (default the first three); ``item_timeout_s``: drop an item
         (DEADLINE_EXCEEDED) that has not reached the model this long after the server read it.
+        Settings that need no server are checked here, at the call (ValueError); the rest against the
+        server's info before the stream opens.
         """
+        settings = dict(views=views, vocabularies=vocabularies, top_k=top_k, outputs=outputs, thumbnail_size=thumbnail_size,
+                        item_timeout_s=item_timeout_s)
+        _check_settings(views, outputs, top_k, item_timeout_s)
+        return self._embed(panoramas, ordered, settings)
+
+    async def _embed(self, panoramas, ordered: bool, settings: dict) -> AsyncIterator[EmbedResult]:
+        stream = await self._stream(panoramas, **settings)
+        async for result in stream.results(ordered):
+            yield result
+
+    async def _stream(
+        self, panoramas, *, views=None, vocabularies=None, top_k=None, outputs=None, thumbnail_size=None, item_timeout_s=None,
+    ) -> _EmbedStream:
+        """An ``embed`` call's stream, not yet open: the request template, checked against the server's info."""
+        _check_settings(views, outputs, top_k, item_timeout_s)
         info = await self._server_info()
+        known = [v.name for v in info.vocabularies]
+        unknown = [name for name in vocabularies or () if name not in known]
+        if unknown:
+            raise ValueError(f"unknown vocabularies {unknown}; this server reads {', '.join(known) or 'none'}")
+        if top_k and top_k > info.top_k:
+            raise ValueError(f"top_k {top_k} is over the server's top_k of {info.top_k}")
         template = pb.EmbedRequest(vocabularies=vocabularies or [], top_k=top_k or 0, thumbnail_size=thumbnail_size or 0)
         if item_timeout_s is not None:
             template.timeout_ms = max(1, round(item_timeout_s * 1e3))
-        try:
-            template.outputs.extend(wire.OUTPUTS[name] for name in outputs or ())
-        except KeyError as exc:
-            raise ValueError(f"unknown output {exc}; choose from {sorted(wire.OUTPUTS)}") from None
+        template.outputs.extend(wire.OUTPUTS[name] for name in outputs or ())
         height, width = info.clip.image_size
         if views is None:
             failure_views = [wire.view_from_proto(v) for v in info.views]
@@ -169,13 +306,16 @@ class AsyncMimeticClient:
             specs = [v if isinstance(v, ViewSpec) else ViewSpec(**{**v, "width": width, "height": height}) for v in views]
             template.views.views.extend(pb.View(yaw=v.yaw, pitch=v.pitch, roll=v.roll, fov=v.fov) for v in specs)
             failure_views = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, width, height) for v in specs]
-        stream = _EmbedStream(
+        if info.limits.max_views and len(failure_views) > info.limits.max_views:
+            raise ValueError(f"{len(failure_views)} views, over the server's limit of {info.limits.max_views} per panorama")
+        thumbnails = pb.OUTPUT_THUMBNAILS in template.outputs
+        if thumbnails and info.limits.max_thumbnail_size and (thumbnail_size or 0) > info.limits.max_thumbnail_size:
+            raise ValueError(f"thumbnail_size {thumbnail_size} is over the server's limit of {info.limits.max_thumbnail_size}")
+        return _EmbedStream(
             self, panoramas, template, window=self.max_in_flight or info.limits.max_in_flight,
             max_bytes=min(self.max_message_bytes, info.limits.max_message_bytes), dtype=getattr(torch, info.dtype),
-            failure_views=failure_views, thumbnails=pb.OUTPUT_THUMBNAILS in template.outputs,
+            failure_views=failure_views, thumbnails=thumbnails,
         )
-        async for result in stream.results(ordered):
-            yield result
 
 
 class _EmbedStream:
@@ -204,19 +344,23 @@ class _EmbedStream:
 
     async def results(self, ordered: bool) -> AsyncIterator[EmbedResult]:
         supervisor = asyncio.create_task(self._supervise())
-        waiting: dict[int, EmbedResult] = {}
-        next_out = 0
+        waiting: dict[int, EmbedResult] = {}  # arrived ahead of an earlier one (ordered)
+        next_out = delivered = 0
         try:
             while (entry := await self.arrivals.get()) is not _DONE:
                 if isinstance(entry, BaseException):
+                    if isinstance(entry, ServerUnavailableError):
+                        entry.delivered, entry.unanswered = delivered, self._unanswered(waiting)
                     raise entry
                 seq, result = entry
                 if not ordered:
+                    delivered += 1
                     yield result
                     self.slots.release()
                     continue
                 waiting[seq] = result
                 while next_out in waiting:
+                    delivered += 1
                     yield waiting.pop(next_out)
                     next_out += 1
                     self.slots.release()
@@ -224,6 +368,17 @@ class _EmbedStream:
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
+
+    def _unanswered(self, waiting: dict[int, EmbedResult]) -> list[str]:
+        """The ids, in input order, of the items read from the input whose result the caller has not had."""
+        held = [(seq, panorama.id) for seq, panorama, _ in self.pending.values()]
+        held += [(seq, result.id) for seq, result in waiting.items()]  # answered, but behind one that was not
+        pulling = self._pulling  # read from the input, not yet sent
+        if pulling is not None and pulling.done() and not pulling.cancelled() and pulling.exception() is None:
+            produced = pulling.result()
+            if produced is not _END:
+                held.append((produced[0], str(getattr(produced[1], "id", None))))
+        return [item_id for _, item_id in sorted(held)]
 
     async def _next(self):
         """The next (seq, panorama, request or failed result), or _END. Shielded: a pull cut short by a
@@ -262,30 +417,28 @@ class _EmbedStream:
         return await asyncio.to_thread(next, self._iterator, _END)  # a generator may read files: off the loop
 
     async def _supervise(self) -> None:
-        attempt = 0
+        outage = None  # since the last answer, if the server has gone silent
         try:
             while True:
                 call = self.client._stub.Embed(metadata=self.client.metadata)
                 writer = asyncio.create_task(self._write(call))
                 try:
                     async for response in call:
-                        attempt = 0
+                        outage = None  # an answer: the budget starts afresh at the next failure
                         self._arrived(response)
                     if self.pending or not self.exhausted:
                         raise RuntimeError(f"the server ended the stream early ({len(self.pending)} requests unanswered)")
                     break
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise
-                    if self.exhausted and not self.pending:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and self.exhausted and not self.pending:
                         break  # everything was answered before the server went away
-                    if attempt >= self.client.retries:
-                        raise
+                    failure = exc
                 finally:
                     writer.cancel()
                     call.cancel()
-                await asyncio.sleep(self.client.backoff(attempt))
-                attempt += 1
+                    await asyncio.wait([writer])  # gone before a new writer resends what is pending
+                outage = outage or _Outage()
+                await self.client._retry_or_raise(outage, failure)
             self.arrivals.put_nowait(_DONE)
         except asyncio.CancelledError:
             raise
@@ -389,10 +542,13 @@ class MimeticClient:
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         return self._run(self._client.embed_text(texts))
 
-    def embed(self, panoramas: Iterable[Panorama], **options) -> Iterator[EmbedResult]:
-        """As ``AsyncMimeticClient.embed``; stopping the iteration early cancels the stream."""
-        results = self._client.embed(panoramas, **options)
+    def embed(self, panoramas: Iterable[Panorama], *, ordered: bool = True, **settings) -> Iterator[EmbedResult]:
+        """As ``AsyncMimeticClient.embed``; every setting is checked here, at the call, against the server's
+        info too (a ValueError before any panorama is read). Stopping the iteration early cancels the stream."""
+        stream = self._run(self._client._stream(panoramas, **settings))
+        return self._iterate(stream.results(ordered))
 
+    def _iterate(self, results) -> Iterator[EmbedResult]:
         async def next_result():
             return await anext(results, _END)
 
