@@ -10,11 +10,15 @@ is one: an exact search, no index. Only committed shards are read. ``positive`` 
 best matches, best first; ``negative`` the ``top`` worst, worst first, taken from the rest (no row
 is both). The GeoJSON puts each at its lat/lon with ``polarity`` "positive" or "negative": the
 circles of a "World Gist" map.
+
+Ids and metadata come from whoever made the dump, so what is written treats them as data: the CSV
+escapes every text cell a spreadsheet would run as a formula (``engine.results.write_csv``), and
+``format_results`` escapes control characters, so that an id cannot break a line or steer the
+terminal.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -28,6 +32,7 @@ import pyarrow.parquet as pq
 
 from engine.config import EngineConfig
 from engine.ingest import RunFolder, committed_parts, make_engine
+from engine.results import write_csv
 
 COLUMNS = {
     "panoramas": ["id", "lat", "lon", "heading", "captured_at", "source"],
@@ -118,10 +123,7 @@ def write_results(result: QueryResult, prefix: str | os.PathLike) -> tuple[Path,
     rows = result.positive + result.negative
     columns = ["polarity", "rank", "score", *COLUMNS[result.table]]
     csv_path, geojson_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".geojson")
-    with open(csv_path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(csv_path, rows, columns)  # spreadsheet-safe: "=HYPERLINK(...)" is text there, a score stays a number
     features = [
         {
             "type": "Feature",
@@ -137,16 +139,26 @@ def write_results(result: QueryResult, prefix: str | os.PathLike) -> tuple[Path,
     return csv_path, geojson_path
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print: every character a terminal would act on (newline, CR, ESC, a bidi override,
+    any other non-printable one) written as Python writes it in a string literal: ``\\n``, ``\\x1b``, ``\\u202e``."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return printable(str(value))
+
+
 def format_results(result: QueryResult) -> str:
-    """The ranking as a plain table, best first, then the worst."""
+    """The ranking as a plain table, best first, then the worst; one line per row whatever its id holds."""
     extra = ["view", "bearing"] if result.table == "views" else []
     lines = [f"{result.text!r}: {result.rows} {result.table} scored"]
     for title, rows in (("top", result.positive), ("bottom", result.negative)):
         lines.append(f"{title}:")
         for row in rows:
             where = f"{row['lat']:.5f},{row['lon']:.5f}" if row.get("lat") is not None and row.get("lon") is not None else "-"
-            more = "".join(
-                f"  {key} {row[key]:g}" if isinstance(row.get(key), float) else f"  {key} {row.get(key)}" for key in extra
-            )
-            lines.append(f"  {row['rank']:>4}  {row['score']:+.4f}  {row['id']}  {where}{more}")
+            more = "".join(f"  {key} {_shown(row.get(key))}" for key in extra)
+            lines.append(f"  {row['rank']:>4}  {row['score']:+.4f}  {printable(row['id'])}  {where}{more}")
     return "\n".join(lines)
