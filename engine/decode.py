@@ -31,7 +31,9 @@ Reduced-size decoding (``min_width``): a JPEG can be decoded at 1/2, 1/4 or 1/8 
 libjpeg's DCT scaling (PIL's ``Image.draft``), which skips most of the inverse DCT and colour work.
 ``decode_image(path, min_width=required_width(views))`` picks the greatest of those reductions that still
 gives at least ``min_width`` columns and ``ceil(min_width / 2)`` rows (an equirectangular panorama's
-vertical density must not drop either), so the result is never narrower than asked for; an EXIF
+vertical density must not drop either) and divides both sides exactly, so that a 2:1 panorama stays
+exactly 2:1 (libjpeg rounds up: 1000 x 500 at 1/8 would be 125 x 63), and the result is never narrower
+than asked for; an EXIF
 rotation by 90° is taken into account, so the bound is on the image as displayed. Other formats, and
 JPEGs that PIL cannot draft (several tiles), are decoded at full size. The pixel limit is still checked
 against the full size in the header, not the reduced one: entropy decoding runs over every DCT block
@@ -126,7 +128,7 @@ def decode_image(
     raise TypeError(f"decode_image takes a path, bytes or a numpy array, got {type(source).__name__}")
 
 
-def _check_pixels(item: str, width: int, height: int, max_pixels: int | None) -> None:
+def check_pixels(item: str, width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
             item,
@@ -141,7 +143,7 @@ def _from_pil(stream, item: str, max_pixels: int | None, min_width: int | None =
     # exhaustion becomes a DecodeError naming the item; the original stays chained as __cause__.
     try:
         with Image.open(stream) as im:
-            _check_pixels(item, im.width, im.height, max_pixels)  # header only (full size): nothing decoded yet
+            check_pixels(item, im.width, im.height, max_pixels)  # header only (full size): nothing decoded yet
             if min_width is not None and isinstance(im, JpegImagePlugin.JpegImageFile):
                 _draft(im, min_width)
             im.load()
@@ -156,17 +158,29 @@ def _from_pil(stream, item: str, max_pixels: int | None, min_width: int | None =
 
 
 def _draft(im: JpegImagePlugin.JpegImageFile, min_width: int) -> None:
-    """Ask libjpeg for the greatest DCT reduction (1/8, 1/4, 1/2, none) that keeps >= min_width columns and >= ceil(min_width / 2) rows.
+    """Ask libjpeg for the scale ``dct_scale`` picks: at least ``min_width`` columns and half as many rows.
 
-    PIL's ``draft`` picks the largest scale s in (8, 4, 2, 1) with s <= min(W // w, H // h), and the
-    output is ceil(W / s) x ceil(H / s), so it never goes below the requested (w, h). The request is on
-    the stored image; an EXIF orientation that turns it by 90° swaps the two, so the bound holds for the
-    image as displayed (and as returned).
+    PIL's ``draft`` takes the largest scale s in (8, 4, 2, 1) with s <= min(W // w, H // h); asking for
+    exactly (W / s, H / s) makes it take ours. The request is on the stored image, so the bound holds
+    for the image as displayed (and as returned) after an EXIF turn by 90°.
     """
+    scale = dct_scale(im.size, min_width, turned=im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS)
+    if scale > 1:
+        im.draft("RGB", (im.width // scale, im.height // scale))  # "RGB" changes nothing but the scale: L stays L
+
+
+def dct_scale(stored: tuple[int, int], min_width: int, *, turned: bool = False) -> int:
+    """The greatest JPEG DCT reduction (8, 4, 2 or 1) that keeps >= min_width columns and >= ceil(min_width / 2) rows
+    as displayed, and divides both sides exactly: so a 2:1 panorama stays exactly 2:1 (1000 x 500 at 1/8 would
+    give 125 x 63)."""
+    width, height = stored
     columns, rows = min_width, -(-min_width // 2)
-    if im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
+    if turned:
         columns, rows = rows, columns
-    im.draft("RGB", (columns, rows))  # mode "RGB" changes nothing but the scale here: L stays L, CMYK stays CMYK
+    for scale in (8, 4, 2):
+        if width % scale == 0 and height % scale == 0 and width // scale >= columns and height // scale >= rows:
+            return scale
+    return 1
 
 
 def required_width(views: Sequence[ViewSpec], *, densest: bool = False) -> int:
@@ -259,16 +273,12 @@ def _header(stream, item: str) -> ImageHeader:
 
 
 def decoded_size(header: ImageHeader, *, min_width: int | None = None) -> tuple[int, int]:
-    """(width, height) as stored that ``decode_image(..., min_width=min_width)`` decodes to: PIL's draft rule for a JPEG."""
+    """(width, height) as stored that ``decode_image(..., min_width=min_width)`` decodes to (``dct_scale`` for a JPEG)."""
     width, height = header.stored
     if min_width is None or header.format != "JPEG":
         return width, height
-    columns, rows = min_width, -(-min_width // 2)
-    if header.orientation in _TRANSPOSING_ORIENTATIONS:
-        columns, rows = rows, columns
-    most = min(width // columns, height // rows)
-    scale = next((s for s in (8, 4, 2) if s <= most), 1)
-    return -(-width // scale), -(-height // scale)
+    scale = dct_scale(header.stored, min_width, turned=header.orientation in _TRANSPOSING_ORIENTATIONS)
+    return width // scale, height // scale
 
 
 def decode_cost(header: ImageHeader, *, min_width: int | None = None) -> int:
@@ -348,7 +358,7 @@ def _from_array(array: np.ndarray, item: str, max_pixels: int | None) -> np.ndar
     height, width = array.shape[:2]
     if height == 0 or width == 0:
         raise DecodeError(item, f"array is empty, shape {array.shape}")
-    _check_pixels(item, width, height, max_pixels)
+    check_pixels(item, width, height, max_pixels)
     if array.dtype == np.uint16:
         array = _scale16(array)
     if array.shape[2] == 1:
@@ -440,7 +450,7 @@ def _nvjpeg_can_take(blob: bytes, item: str, max_pixels: int | None) -> bool:
         raise DecodeError(item, "empty input (0 bytes)")
     try:
         with Image.open(io.BytesIO(blob)) as im:
-            _check_pixels(item, im.width, im.height, max_pixels)
+            check_pixels(item, im.width, im.height, max_pixels)
             if im.format != "JPEG" or im.mode != "RGB" or im.getexif().get(0x0112, 1) != 1:
                 return False
     except DecodeError:
