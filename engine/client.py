@@ -68,6 +68,7 @@ from kernels import ViewSpec
 
 _END = object()
 _DONE = object()
+_WRITE_RACE = "Internal error from Core"  # grpc.aio's details for a write that failed in core (set_internal_error)
 
 
 @dataclass
@@ -115,6 +116,15 @@ class _Outage:
 
     def waited(self) -> float:
         return time.monotonic() - self.started
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+    """UNAVAILABLE; or the INTERNAL that grpc's asyncio client makes up when a write fails as the stream
+    ends (grpc/grpc#36066): it replaces the status the server sent, which a server going away (the
+    case here: a write in flight as its connection closes) sends as UNAVAILABLE. A status the server
+    really meant comes back on the next try."""
+    code = error.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.INTERNAL and error.details() == _WRITE_RACE)
 
 
 def _check_seconds(name: str, value, *, zero: bool = False) -> None:
@@ -220,7 +230,7 @@ class AsyncMimeticClient:
 
     async def _retry_or_raise(self, outage: _Outage, failure: grpc.RpcError) -> None:
         """After a failed try: wait for the next, or raise (another status, or the budget is spent)."""
-        if failure.code() != grpc.StatusCode.UNAVAILABLE:
+        if not _retryable(failure):
             raise failure
         if self.retries is not None and outage.attempt >= self.retries:
             raise ServerUnavailableError(self.address, outage.waited(), f"{self.retries} retries", failure)
@@ -383,15 +393,19 @@ class _EmbedStream:
     async def _next(self):
         """The next (seq, panorama, request or failed result), or _END. Shielded: a pull cut short by a
         retry is not lost, the next writer awaits the same one, since the caller's iterator cannot take
-        an item back."""
+        an item back. Only a pull whose item was handed over is forgotten: a writer cancelled just as its
+        pull finished (the item there, the writer never resumed with it) leaves the item to the next."""
         if self._pulling is None:
             self._pulling = asyncio.ensure_future(self._produce())
-        pulling = self._pulling
         try:
-            return await asyncio.shield(pulling)
-        finally:
-            if pulling.done():
-                self._pulling = None
+            produced = await asyncio.shield(self._pulling)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._pulling = None  # the caller's iterable failed: raised once, where it iterates
+            raise
+        self._pulling = None
+        return produced
 
     async def _produce(self):
         panorama = await self._pull()
@@ -430,7 +444,7 @@ class _EmbedStream:
                         raise RuntimeError(f"the server ended the stream early ({len(self.pending)} requests unanswered)")
                     break
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE and self.exhausted and not self.pending:
+                    if _retryable(exc) and self.exhausted and not self.pending:
                         break  # everything was answered before the server went away
                     failure = exc
                 finally:

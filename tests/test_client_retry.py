@@ -3,6 +3,8 @@ had no answer, and when the budget runs out ends with one clear error naming wha
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 
@@ -154,3 +156,43 @@ def test_a_view_preset_typo_is_a_value_error_before_any_request(engine, blobs):
         embedded = [value for (name, labels), value in metrics(server).items() if name == "mimetic_requests_total" and ("method", "Embed") in labels]
         assert sum(embedded) == 0  # not one Embed request reached the server
         assert [r.error for r in client.embed(panoramas(blobs, 1), views="ring4")] == [None]
+
+
+def test_a_writer_cancelled_just_as_its_pull_finished_leaves_the_item_to_the_next(blobs):
+    """The retry cancels the old stream's writer; if that lands as the writer's pull from the caller's
+    iterator completes, the item must go to the next writer (the iterator cannot give it back), or
+    the ordered output waits forever for it. Seen once in 8 restarts before the fix."""
+    from engine.client import _END, _EmbedStream
+    from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+
+    async def main():
+        stream = _EmbedStream(None, panoramas(blobs, 3), pb.EmbedRequest(), window=3, max_bytes=2**26, dtype=None,
+                              failure_views=[], thumbnails=False)
+        writer = asyncio.create_task(stream._next())
+        while stream._pulling is None or not stream._pulling.done():
+            await asyncio.sleep(0)
+        cancelled = writer.cancel()  # the pull is done, the writer has not resumed with its item
+        got = [] if cancelled else [await writer]
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        while (produced := await stream._next()) is not _END:
+            got.append(produced)
+        return cancelled, [seq for seq, _, _ in got]
+
+    cancelled, seqs = asyncio.run(main())
+    assert cancelled  # the race this test is about did happen
+    assert seqs == [0, 1, 2]
+
+
+def test_grpc_s_own_internal_status_for_a_write_race_is_retried_and_a_server_s_is_not():
+    """grpc.aio replaces the server's status with INTERNAL "Internal error from Core" when a write fails as
+    the stream ends (grpc/grpc#36066): seen as the stream's status when the server stopped mid-write."""
+    from engine.client import _retryable
+
+    def error(code, details):
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+    assert _retryable(error(grpc.StatusCode.UNAVAILABLE, "Cancelling all calls"))
+    assert _retryable(error(grpc.StatusCode.INTERNAL, "Internal error from Core"))
+    assert not _retryable(error(grpc.StatusCode.INTERNAL, "the model raised"))
+    assert not _retryable(error(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token"))
