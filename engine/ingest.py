@@ -14,7 +14,8 @@ captured_at (epoch seconds or milliseconds become ISO 8601 UTC).
 The run folder:
 
     RUN/manifest.json              the configuration, its hash, the shard plan, and every committed shard
-    RUN/listing.parquet            the inputs as planned (id, source, meta, shard): to explain a changed dump
+                                   (its part files, each with its byte size and sha256)
+    RUN/listing.parquet            the inputs as planned (id, source, meta, shard, signature): to explain a changed dump
     RUN/panoramas/part-NNNNNN.parquet   id, source, lat, lon, heading, captured_at, meta, pooled embedding, labels
     RUN/views/part-NNNNNN.parquet       id, view, yaw, pitch, roll, fov, pano_yaw, bearing, lat, lon, embedding, labels
     RUN/quarantine/part-NNNNNN.parquet  id, source, reason, meta: the inputs that failed (only for shards with failures)
@@ -33,6 +34,15 @@ two copies of anything; while a run goes on (or after a crash, until it is resum
 shard not yet committed, which ``read_run`` and ``committed_parts`` leave out. A shard's parts are written the same way by one process or by many (Ray
 actors, ``engine.distributed``), since a retried shard renames identical content over the same names;
 the manifest has a single writer, the driver, which holds ``RUN/.lock`` for the whole job.
+
+Integrity. Each part's byte size and sha256 are recorded in its shard's manifest entry at commit.
+Every run checks the committed parts' sizes (a stat each) and ``--verify`` their hashes too; a shard
+whose parts differ is taken out of the manifest and redone, and the run says so. Every input is
+signed by its size and modification time (by its content with ``--hash-inputs``), and the
+signatures are part of the dump's digest: a file replaced under the same name is a changed dump.
+A manifest is checked when it is read: its shape, and that it names only the run's own part files,
+inside the run folder; anything else is refused before a file is touched. A run with no committed
+shard protects nothing, so it starts again when its settings or inputs change.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -71,7 +82,13 @@ MANIFEST = "manifest.json"
 LISTING = "listing.parquet"
 SUMMARY = "summary.json"
 FORMAT = 1
-RANDOM_WEIGHTS_SEED = 0  # --random-weights: the same untrained model in every process (resume, Ray actors, query)
+# How a run tells that its inputs are the ones it started with (Listing.sign): size and modification
+# time by default, content with --hash-inputs; runs started before inputs were signed compare ids
+# and metadata only.
+COMPARISONS = ("size+mtime", "sha256")
+LEGACY_COMPARISON = "ids+metadata"
+HASH_THREADS = 8  # hashlib releases the GIL: --hash-inputs reads several files at once
+MAX_METADATA_DEPTH = 64  # JSON metadata nested deeper is refused (a GeoJSON MultiPolygon needs 4)
 
 # Metadata columns the real dumps use, most specific first (Mapillary's API v4, its sequence dumps'
 # ``key, lon, lat, ca, captured_at, pano``, Street View metadata, plain CSVs).
@@ -90,6 +107,23 @@ class InputError(ValueError):
     """The dump, a listing or a metadata file cannot be read."""
 
 
+class RunFolderError(InputError):
+    """The run folder's manifest is damaged, of the wrong shape, or names a path that is not one of the
+    run's own part files. Refused before anything is touched."""
+
+
+class RunWriteError(OSError):
+    """The run folder cannot be written (a full disk, a read-only folder). What was committed stays."""
+
+    def __init__(self, path: Path, exc: OSError, doing: str = "cannot write"):
+        reason = exc.strerror or str(exc)
+        super().__init__(
+            f"{path}: {doing} ({reason}). The shards committed so far are kept: free some space or make the "
+            "folder writable, then run the same command again to resume."
+        )
+        self.errno = exc.errno
+
+
 # -- inputs ---------------------------------------------------------------------------------------
 
 
@@ -104,6 +138,7 @@ class InputItem:
     offset: int = -1
     size: int = -1
     keys: tuple[str, ...] = ()  # names metadata may use for it: file name, stem, tar key
+    signature: str = ""  # what says the input is the same one: "SIZE:MTIME_NS" or "sha256:HEX" (Listing.sign)
 
     def read(self) -> bytes | str:
         """The file's path (the Engine reads it in its decode threads), or a tar member's bytes."""
@@ -123,12 +158,59 @@ class Listing:
     metadata_unmatched: int = 0  # metadata rows naming no input
     inputs_without_metadata: int = 0
 
+    compared_by: str = LEGACY_COMPARISON
+
+    def sign(self, compared_by: str) -> None:
+        """Give every input its signature: its size and modification time ("size+mtime", a stat each), or
+        the sha256 of its bytes ("sha256", ``--hash-inputs``: every input read once). A file replaced
+        under the same name then changes the digest. A tar member is signed by its size and the tar's
+        modification time, or by its own bytes."""
+        if compared_by == "sha256":
+            with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="mimetic-hash") as pool:
+                signatures = list(pool.map(_content_signature, self.items))
+        elif compared_by == "size+mtime":
+            stats: dict[str, str] = {}
+            signatures = [_stat_signature(item, stats) for item in self.items]
+        elif compared_by == LEGACY_COMPARISON:  # a run started before inputs were signed: ids and metadata only
+            signatures = [""] * len(self.items)
+        else:
+            raise ValueError(f"unknown input comparison {compared_by!r}")
+        for item, signature in zip(self.items, signatures, strict=True):
+            item.signature = signature
+        self.compared_by = compared_by
+
     def digest(self) -> str:
-        """sha256 over ids and metadata, in order: a dump that changed gives another digest."""
+        """sha256 over ids, metadata and signatures, in order: a dump that changed gives another digest."""
         h = hashlib.sha256()
         for item in self.items:
-            h.update(f"{item.id}\t{json.dumps(item.meta, sort_keys=True, default=str)}\n".encode())
+            line = f"{item.id}\t{json.dumps(item.meta, sort_keys=True, default=str)}"
+            h.update((f"{line}\t{item.signature}\n" if item.signature else f"{line}\n").encode())
         return h.hexdigest()
+
+
+def _stat_signature(item: InputItem, tars: dict[str, str]) -> str:
+    if item.tar is not None:
+        if item.tar not in tars:
+            try:
+                tars[item.tar] = str(os.stat(item.tar).st_mtime_ns)
+            except OSError:
+                tars[item.tar] = "missing"
+        return f"{item.size}:{tars[item.tar]}"
+    try:
+        stat = os.stat(item.source)
+    except OSError:
+        return "missing"  # it goes to the quarantine, as "cannot read"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _content_signature(item: InputItem) -> str:
+    try:
+        if item.tar is not None:
+            return "sha256:" + hashlib.sha256(item.read()).hexdigest()
+        with open(item.source, "rb") as stream:
+            return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+    except OSError:
+        return "missing"
 
 
 def _is_image(name: str) -> bool:
@@ -169,11 +251,7 @@ def _scan_tar(path: Path, prefix: str) -> Iterator[tuple[str, str, tuple]]:
             jsons = {}
             for member in members:
                 if member.name.lower().endswith(".json"):
-                    key = _webdataset_key(member.name)
-                    try:
-                        jsons[key] = json.loads(tar.extractfile(member).read())
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        raise InputError(f"{path}#{member.name}: not valid JSON ({exc})") from exc
+                    jsons[_webdataset_key(member.name)] = _parse_json(tar.extractfile(member).read(), f"{path}#{member.name}")
     except (tarfile.TarError, OSError) as exc:
         raise InputError(f"{path}: cannot read the tar ({exc})") from exc
     for member in members:
@@ -282,6 +360,46 @@ def _metadata_index(rows: list[dict]) -> dict[str, tuple[int, dict]]:
     return index
 
 
+def _parse_json(text: str | bytes, where: str):
+    """A JSON document, or an InputError naming ``where``: invalid, or nested deeper than MAX_METADATA_DEPTH
+    (the decoder itself would hit Python's recursion limit, and so would every later json.dumps of it)."""
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply (more than {MAX_METADATA_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise InputError(f"{where}: not valid JSON ({exc})") from None
+    if _depth(document) > MAX_METADATA_DEPTH:
+        raise InputError(f"{where}: JSON nested too deeply (more than {MAX_METADATA_DEPTH} levels)")
+    return document
+
+
+def _depth(document) -> int:
+    """How deeply lists and objects nest in ``document``, without recursion."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            if depth <= MAX_METADATA_DEPTH:  # deeper is refused anyway: no need to walk it all
+                stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _read_csv(text: str, path: Path, dialect: str) -> list[dict]:
+    """Rows of a CSV. A field may be as long as the file: csv's default limit (128 KiB) is arbitrary, and
+    long fields are real (WKT geometries, descriptions); the text is already in memory."""
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)  # a quoted field keeps its line breaks
+    try:
+        return [dict(row) for row in reader]
+    except csv.Error as exc:
+        raise InputError(f"{path}: line {reader.line_num}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
 def read_metadata(path: str | os.PathLike) -> list[dict]:
     """Rows of a CSV/TSV, JSONL or GeoJSON (or JSON list) metadata file, every column kept as given.
 
@@ -294,24 +412,23 @@ def read_metadata(path: str | os.PathLike) -> list[dict]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the metadata ({exc})") from exc
-    try:
-        if suffix in (".csv", ".tsv"):
-            dialect = "excel-tab" if suffix == ".tsv" else "excel"
-            return [dict(row) for row in csv.DictReader(text.splitlines(), dialect=dialect)]
-        if suffix in (".jsonl", ".ndjson"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        elif suffix in (".json", ".geojson"):
-            document = json.loads(text)
-            if isinstance(document, dict) and document.get("type") == "FeatureCollection":
-                rows = [_feature_row(feature) for feature in document.get("features", [])]
-            elif isinstance(document, list):
-                rows = document
-            else:
-                raise InputError(f"{path}: expected a GeoJSON FeatureCollection or a JSON list of objects")
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(text, path, "excel-tab" if suffix == ".tsv" else "excel")
+    if suffix in (".jsonl", ".ndjson"):
+        rows = [_parse_json(line, f"{path}:{number}") for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif suffix in (".json", ".geojson"):
+        document = _parse_json(text, str(path))
+        if isinstance(document, dict) and document.get("type") == "FeatureCollection":
+            features = document.get("features", [])
+            if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
+                raise InputError(f"{path}: a FeatureCollection's features must be a list of objects")
+            rows = [_feature_row(feature) for feature in features]
+        elif isinstance(document, list):
+            rows = document
         else:
-            raise InputError(f"{path}: metadata must be .csv, .tsv, .jsonl, .ndjson, .json or .geojson")
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+            raise InputError(f"{path}: expected a GeoJSON FeatureCollection or a JSON list of objects")
+    else:
+        raise InputError(f"{path}: metadata must be .csv, .tsv, .jsonl, .ndjson, .json or .geojson")
     bad = [k for k, row in enumerate(rows) if not isinstance(row, dict)]
     if bad:
         raise InputError(f"{path}: row {bad[0] + 1} is not an object")
@@ -319,13 +436,16 @@ def read_metadata(path: str | os.PathLike) -> list[dict]:
 
 
 def _feature_row(feature: dict) -> dict:
-    row = dict(feature.get("properties") or {})
+    properties = feature.get("properties") or {}
+    row = dict(properties) if isinstance(properties, dict) else {"properties": properties}
     if feature.get("id") is not None:
         row.setdefault("id", feature["id"])
-    geometry = feature.get("geometry") or {}
-    if geometry.get("type") == "Point" and len(geometry.get("coordinates") or ()) >= 2:
-        row.setdefault("lon", geometry["coordinates"][0])
-        row.setdefault("lat", geometry["coordinates"][1])
+    geometry = feature.get("geometry")
+    if isinstance(geometry, dict) and geometry.get("type") == "Point":
+        coordinates = geometry.get("coordinates")
+        if isinstance(coordinates, list) and len(coordinates) >= 2:
+            row.setdefault("lon", coordinates[0])
+            row.setdefault("lat", coordinates[1])
     return row
 
 
@@ -350,8 +470,9 @@ def canonical_fields(meta: dict) -> dict:
     """lat, lon (degrees), heading (degrees clockwise from north, in [0, 360)) and captured_at (text)."""
     lat, lon = _number(_first(meta, LAT_COLUMNS)), _number(_first(meta, LON_COLUMNS))
     geometry = meta.get("geometry") or meta.get("computed_geometry")
-    if (lat is None or lon is None) and isinstance(geometry, dict) and geometry.get("type") == "Point":
-        lon, lat = (_number(c) for c in geometry.get("coordinates", (None, None))[:2])
+    coordinates = geometry.get("coordinates") if isinstance(geometry, dict) and geometry.get("type") == "Point" else None
+    if (lat is None or lon is None) and isinstance(coordinates, list) and len(coordinates) >= 2:
+        lon, lat = _number(coordinates[0]), _number(coordinates[1])
     if lat is not None and not -90 <= lat <= 90:
         lat = None
     if lon is not None and not -180 <= lon <= 180:
@@ -527,13 +648,49 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename over ``path``: readers see the old file or the new one, whole."""
+    """``write(tmp_path)``, fsync, rename over ``path``: readers see the old file or the new one, whole.
+
+    A failed write (a full disk, a read-only folder) leaves the old file as it was, removes its own
+    temporary file, and raises RunWriteError naming ``path``.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as stream:
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        _discard(tmp)
+        raise RunWriteError(path, exc) from exc
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file of a failed write, if it is there and can be removed (on a full disk it is
+    what frees the space); a resume removes whatever is left."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise RunWriteError(path, exc, "cannot delete") from exc
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    for kind, name in ((dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 def write_json_atomic(path: Path, document: dict, *, indent: int | None = 1) -> None:
@@ -543,8 +700,8 @@ def write_json_atomic(path: Path, document: dict, *, indent: int | None = 1) -> 
 def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int) -> dict:
     """Everything that changes what a shard holds: model and weights, views, vocabularies, code version.
 
-    Batch size, device, decode workers and the engine (local or Ray) change how fast, not what, so
-    they may differ between a run and its resumption.
+    Batch size, device, decode workers, the decoded-bytes budget (``max_decode_mib``) and the engine
+    (local or Ray) change how fast, not what, so they may differ between a run and its resumption.
     """
     from engine.views import view_set
     from engine.vocab import load_vocabulary
@@ -559,6 +716,7 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int)
         "clip_weights": config.clip_weights,
         "weights_bytes": _weights_bytes(config),
         "random_weights": config.random_weights,
+        "seed": config.seed if config.random_weights else None,  # it draws the untrained weights; unused otherwise
         "views": views,
         "vocabularies": vocabularies,
         "top_k": config.top_k,
@@ -606,9 +764,19 @@ def _differences(then: dict, now: dict) -> list[str]:
             for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
 
 
+DAMAGED = "Its parts are left as they are: restore the manifest from a backup, or ingest into a new --out folder."
+ENTRY_COUNTS = ("shard", "inputs", "panoramas", "views", "quarantined")
+
+
 class RunFolder:
     """The files of one run. ``open`` (driver only) creates or checks it; ``write_parts`` (any process)
-    writes a shard's parts; ``commit`` (driver only) records the shard in the manifest."""
+    writes a shard's parts; ``commit`` (driver only) records the shard in the manifest.
+
+    Every path the manifest names is checked when it is loaded: a shard may list only its own part
+    files (``TABLE/part-NNNNNN.parquet``), resolving inside the run folder. A manifest naming anything
+    else (``../x``, an absolute path, a symbolic link out, ``manifest.json``) is refused whole, before
+    anything is read or deleted: run folders live on shared storage, and ``clean`` deletes files.
+    """
 
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out).resolve()
@@ -619,56 +787,160 @@ class RunFolder:
         return self.out / MANIFEST
 
     def load_manifest(self) -> dict:
-        if not self.manifest_path.exists():
+        """The manifest, checked: its shape, and that every path it names is one of the run's own parts."""
+        path = self.manifest_path
+        if not path.exists():
             raise InputError(f"{self.out}: not a mimetic run folder (no {MANIFEST})")
-        self.manifest = json.loads(self.manifest_path.read_text())
-        return self.manifest
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise RunFolderError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
+        if not text.strip():
+            raise RunFolderError(f"{path}: the manifest is empty. {DAMAGED}")
+        try:
+            document = json.loads(text)
+        except RecursionError:
+            raise RunFolderError(f"{path}: the manifest is not valid JSON (nested too deeply). {DAMAGED}") from None
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+            raise RunFolderError(f"{path}: the manifest is not valid JSON ({exc}). {DAMAGED}") from None
+        self._check_manifest(document)
+        self.manifest = document
+        return document
+
+    def _check_manifest(self, document) -> None:
+        def refuse(problem: str, advice: str = DAMAGED):
+            raise RunFolderError(f"{self.manifest_path}: {problem}. {advice}")
+
+        def need(value, kind, what: str):
+            if not isinstance(value, kind) or isinstance(value, bool):
+                refuse(f"{what} must be {_json_type(kind())}, got {_json_type(value)}")
+
+        need(document, dict, "the manifest")
+        for key, kind in (("format", int), ("config", dict), ("config_hash", str), ("engine_config", dict),
+                          ("inputs", dict), ("shards", dict)):
+            need(document.get(key), kind, repr(key))
+        if document["format"] > FORMAT:
+            refuse(f"format {document['format']} was written by a newer mimetic (this one reads {FORMAT})",
+                   "Upgrade mimetic to resume it.")
+        for key, kind in (("count", int), ("digest", str), ("shards", int)):
+            need(document["inputs"].get(key), kind, f"inputs.{key}")
+        if document["inputs"].get("compared_by", LEGACY_COMPARISON) not in (*COMPARISONS, LEGACY_COMPARISON):
+            refuse(f"inputs.compared_by must be one of {', '.join(COMPARISONS)}, got {document['inputs']['compared_by']!r}")
+        need(document["config"].get("shard_size"), int, "config.shard_size")
+        for key, entry in document["shards"].items():
+            if not (key.isascii() and key.isdigit()):
+                refuse(f"shards has an entry {key!r}, which is not a shard number")
+            need(entry, dict, f"shard {key}")
+            for field in ENTRY_COUNTS:
+                need(entry.get(field), int, f"shard {key}: {field!r}")
+            if entry["shard"] != int(key):
+                refuse(f"shard {key}'s entry says it is shard {entry['shard']}")
+            need(entry.get("files"), list, f"shard {key}: 'files'")
+            own = {f"{table}/{part_name(int(key))}" for table in TABLES}
+            for name in entry["files"]:
+                if not isinstance(name, str) or name not in own:
+                    refuse(f"shard {key} lists {name!r}, which is not one of its own part files "
+                           f"({', '.join(sorted(own))}): refusing to touch it")
+                target = (self.out / name).resolve()  # follows symbolic links, of the part or its folder
+                if not target.is_relative_to(self.out):
+                    refuse(f"shard {key} lists {name}, a symbolic link out of the run folder (to {target}): "
+                           "refusing to touch it")
+            parts = entry.get("parts", {})  # sizes and hashes; absent in manifests written before they were recorded
+            need(parts, dict, f"shard {key}: 'parts'")
+            for name, record in parts.items():
+                if name not in entry["files"] or not isinstance(record, dict):
+                    refuse(f"shard {key}: 'parts' describes {name!r}, which the shard does not list")
+                need(record.get("bytes"), int, f"shard {key}: {name}: 'bytes'")
+                need(record.get("sha256"), str, f"shard {key}: {name}: 'sha256'")
 
     @contextlib.contextmanager
     def lock(self):
-        """One writer per run folder: a second ``mimetic ingest`` on it stops with a clear error."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / ".lock", "a+") as stream:
+        """One writer per run folder: a second ``mimetic ingest`` on it stops with a clear error. A folder
+        that cannot be written is refused here, before any work."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            stream = open(self.out / ".lock", "a+")
+        except OSError as exc:
+            raise RunWriteError(self.out, exc, "cannot create the run folder") from exc
+        with stream:
             try:
                 fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RunMismatchError(f"{self.out}: another mimetic ingest is writing this run folder") from None
             try:
+                _probe(self.out)
                 yield self
             finally:
                 fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
 
-    def open(self, listing: Listing, fingerprint: dict, *, dump: str, engine_config: EngineConfig) -> dict:
-        """Start the run, or check that resuming it is safe and clear what a crash left behind."""
-        shard_size = fingerprint["shard_size"]
-        inputs = {"count": len(listing.items), "digest": listing.digest(), "shards": math.ceil(len(listing.items) / shard_size)}
-        if self.manifest_path.exists():
-            manifest = self.load_manifest()
-            differences = _differences(manifest["config"], fingerprint)
-            if differences:
-                raise RunMismatchError(
-                    f"refusing to resume {self.out}: it was started with another configuration; "
-                    + "; ".join(differences) + ". Use the run's settings, or a new --out folder."
-                )
-            if manifest["inputs"]["digest"] != inputs["digest"]:
-                raise RunMismatchError(f"refusing to resume {self.out}: " + self._explain_inputs(listing)
-                                       + ". Resume with the same dump and metadata, or use a new --out folder.")
-        else:
+    def open(self, listing: Listing, fingerprint: dict, *, dump: str, engine_config: EngineConfig,
+             hash_inputs: bool = False, verify: bool = False) -> dict:
+        """Start the run, or check that resuming it is safe and clear what a crash left behind.
+
+        A run folder with no committed shard holds nothing to protect: if its settings or inputs
+        differ, it starts again with the new ones (and says so), so that a run that failed before any
+        work (a wrong flag, a missing model) does not lock its folder.
+        """
+        wanted = "sha256" if hash_inputs else "size+mtime"
+        if not self.manifest_path.exists():
             stray = [p for table in TABLES for p in (self.out / table).glob("part-*.parquet")]
             if stray:
                 raise RunMismatchError(
                     f"{self.out} holds part files ({stray[0].relative_to(self.out)}, ...) but no {MANIFEST}: "
                     "it is not a run this command can resume; use a new --out folder"
                 )
-            self._write_listing(listing, shard_size)
-            manifest = {
-                "format": FORMAT, "created_at": _now(), "dump": dump, "config": fingerprint,
-                "config_hash": config_hash(fingerprint), "engine_config": dataclasses.asdict(engine_config),
-                "inputs": inputs, "shards": {},
-            }
-            write_json_atomic(self.manifest_path, manifest, indent=None)
+            return self._start(listing, fingerprint, dump, engine_config, wanted, verify)
+        manifest = self.load_manifest()
+        compared_by = manifest["inputs"].get("compared_by", LEGACY_COMPARISON)
+        listing.sign(compared_by)  # the run's own way, so that its digest can be compared
+        differences = _differences(manifest["config"], fingerprint)
+        same_inputs = manifest["inputs"]["digest"] == listing.digest()
+        if not manifest["shards"] and (differences or not same_inputs or compared_by != wanted):
+            changed = differences or ([] if same_inputs else [self._explain_inputs(listing)])
+            if compared_by != wanted:
+                changed.append(f"inputs compared by {wanted}, {compared_by} before")
+            print(f"mimetic ingest: {self.out} has no committed shard yet: starting it again with the new settings "
+                  f"({'; '.join(changed)})", file=sys.stderr)
+            listing.sign(wanted)
+            return self._start(listing, fingerprint, dump, engine_config, wanted, verify, previous=manifest)
+        if differences:
+            raise RunMismatchError(
+                f"refusing to resume {self.out}: it was started with another configuration; "
+                + "; ".join(differences) + ". Use the run's settings, or a new --out folder."
+            )
+        if not same_inputs:
+            advice = "Resume with the same dump and metadata, or use a new --out folder."
+            if compared_by == "size+mtime":
+                advice += (" (Inputs are compared by size and modification time: a dump copied without its times "
+                           "looks replaced. A run started with --hash-inputs compares their contents instead.)")
+            raise RunMismatchError(f"refusing to resume {self.out}: " + self._explain_inputs(listing) + ". " + advice)
+        if compared_by != wanted and compared_by != LEGACY_COMPARISON:
+            print(f"mimetic ingest: {self.out} compares its inputs by {compared_by}, as when it was started",
+                  file=sys.stderr)
         self.manifest = manifest
-        self.clean()
+        self.clean(verify=verify)
+        return self.manifest
+
+    def _start(self, listing: Listing, fingerprint: dict, dump: str, engine_config: EngineConfig, compared_by: str,
+               verify: bool, previous: dict | None = None) -> dict:
+        """A new manifest and listing (after clearing what an attempt that committed nothing left)."""
+        if previous is not None:
+            self.manifest = previous
+            self.clean()
+        if listing.compared_by != compared_by:
+            listing.sign(compared_by)
+        shard_size = fingerprint["shard_size"]
+        inputs = {"count": len(listing.items), "digest": listing.digest(), "compared_by": compared_by,
+                  "shards": math.ceil(len(listing.items) / shard_size)}
+        self._write_listing(listing, shard_size)
+        manifest = {
+            "format": FORMAT, "created_at": _now(), "dump": dump, "config": fingerprint,
+            "config_hash": config_hash(fingerprint), "engine_config": dataclasses.asdict(engine_config),
+            "inputs": inputs, "shards": {},
+        }
+        write_json_atomic(self.manifest_path, manifest, indent=None)
+        self.manifest = manifest
+        self.clean(verify=verify)
         return manifest
 
     def _write_listing(self, listing: Listing, shard_size: int) -> None:
@@ -677,78 +949,133 @@ class RunFolder:
             "id": [i.id for i in items], "source": [i.source for i in items],
             "shard": pa.array([k // shard_size for k in range(len(items))], pa.int32()),
             "meta": [json.dumps(i.meta, sort_keys=True, default=str) for i in items],
+            "signature": [i.signature for i in items],
         })
         _write_atomic(self.out / LISTING, lambda tmp: pq.write_table(table, tmp))
 
     def _explain_inputs(self, listing: Listing) -> str:
-        then_count = self.manifest["inputs"]["count"]
+        then_count = self.manifest["inputs"]["count"] if self.manifest else None
         text = f"its inputs changed ({then_count} then, {len(listing.items)} now"
         try:
-            then = pq.read_table(self.out / LISTING, columns=["id", "meta"]).to_pydict()
+            then = pq.read_table(self.out / LISTING).to_pydict()
         except (OSError, pa.ArrowException):
             return text + ")"
+        text = f"its inputs changed ({len(then['id'])} then, {len(listing.items)} now"
         old = dict(zip(then["id"], then["meta"], strict=True))
+        old_signature = dict(zip(then["id"], then.get("signature", [""] * len(then["id"])), strict=True))
         new = {i.id: json.dumps(i.meta, sort_keys=True, default=str) for i in listing.items}
+        new_signature = {i.id: i.signature for i in listing.items}
+        kept = set(old) & set(new)
         parts = []
         for label, ids in (("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
-                           ("with other metadata", sorted(k for k in set(old) & set(new) if old[k] != new[k]))):
+                           ("with other metadata", sorted(k for k in kept if old[k] != new[k])),
+                           (f"replaced (another {'content' if listing.compared_by == 'sha256' else 'size or modification time'})",
+                            sorted(k for k in kept if old_signature[k] and old_signature[k] != new_signature[k]))):
             if ids:
                 parts.append(f"{len(ids)} {label}: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
         return text + ("; " + "; ".join(parts) if parts else "") + ")"
 
-    def clean(self) -> None:
+    def _table_folder(self, table: str) -> Path:
+        """RUN/TABLE, created if missing; a symbolic link there is refused, since clean() deletes in it."""
+        folder = self.out / table
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise RunFolderError(f"{folder}: not a folder of the run but a link or a file: refusing to touch it. "
+                                 "A run folder's tables must be plain folders; use a new --out folder.")
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RunWriteError(folder, exc, "cannot create") from exc
+        return folder
+
+    def check_parts(self, entry: dict, *, verify: bool = False) -> str | None:
+        """Why a committed shard's parts are not the ones committed (missing, another size; with ``verify``
+        another sha256), or None. Shards committed before sizes were recorded are checked for presence."""
+        parts = entry.get("parts", {})
+        for name in entry["files"]:
+            path = self.out / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return f"{name} is missing"
+            recorded = parts.get(name)
+            if recorded is None:
+                continue
+            if size != recorded["bytes"]:
+                return f"{name} is {size} bytes, {recorded['bytes']} when committed"
+            if verify and _sha256(path) != recorded["sha256"]:
+                return f"{name} does not match the sha256 recorded when it was committed"
+        return None
+
+    def clean(self, *, verify: bool = False) -> None:
         """Delete what an interrupted run left: temporary files, and parts of shards the manifest lacks.
 
-        A committed shard whose parts went missing is taken out of the manifest, to be redone.
+        A committed shard whose parts are missing or differ from what was recorded at commit (their
+        size; with ``verify`` also their sha256) leaves the manifest and is redone, and this says so.
         """
         committed = self.manifest["shards"]
         for table in TABLES:
-            folder = self.out / table
-            folder.mkdir(exist_ok=True)
-            for path in folder.iterdir():
+            for path in self._table_folder(table).iterdir():
                 if path.name.startswith(".") and path.name.endswith(".tmp"):
-                    path.unlink()
+                    _unlink(path)
                 elif (match := PART.fullmatch(path.name)) is not None:
                     shard = str(int(match[1]))
                     if shard not in committed or f"{table}/{path.name}" not in committed[shard]["files"]:
-                        path.unlink()
+                        _unlink(path)
         for path in self.out.glob(".*.tmp"):
-            path.unlink()
-        lost = [k for k, entry in committed.items() if not all((self.out / f).exists() for f in entry["files"])]
-        if lost:
-            print(f"mimetic ingest: shards {', '.join(lost)} lost part files; they will be redone", file=sys.stderr)
-            for k in lost:
-                for f in committed.pop(k)["files"]:
-                    (self.out / f).unlink(missing_ok=True)
-            write_json_atomic(self.manifest_path, self.manifest, indent=None)
+            _unlink(path)
+        damaged = {k: problem for k, entry in committed.items() if (problem := self.check_parts(entry, verify=verify))}
+        if verify:
+            print(f"mimetic ingest: verified {len(committed)} committed shards against their sha256: "
+                  f"{len(damaged) or 'none'} damaged", file=sys.stderr)
+        if damaged:
+            for k, problem in damaged.items():
+                print(f"mimetic ingest: shard {k}: {problem}; it will be redone", file=sys.stderr)
+            # Out of the manifest first, then off the disk: a crash in between leaves parts no shard lists.
+            self._write_manifest({**self.manifest, "shards": {k: e for k, e in committed.items() if k not in damaged}})
+            for k in damaged:
+                for name in committed[k]["files"]:
+                    _unlink(self.out / name)
 
-    def write_parts(self, shard: int, tables: dict[str, pa.Table]) -> list[str]:
+    def write_parts(self, shard: int, tables: dict[str, pa.Table]) -> dict[str, dict]:
         """Steps 1 and 2 of a commit: every part written under a temporary name, then all renamed.
 
-        The quarantine part is written only when the shard has failures. Safe to run again for the same
-        shard (a retry): identical content replaces identical content.
+        Returns ``{file: {"bytes", "sha256"}}`` for the manifest entry, read back from each part while
+        it is fsynced (it is in the page cache). The quarantine part is written only when the shard has
+        failures. Safe to run again for the same shard (a retry): identical content replaces identical
+        content. A failed write removes its temporary files and raises RunWriteError.
         """
         token = uuid.uuid4().hex[:12]  # two attempts at one shard never share a temporary file
-        staged = []
-        for table, rows in tables.items():
-            if table == "quarantine" and rows.num_rows == 0:
-                continue
-            final = self.out / table / part_name(shard)
-            tmp = final.with_name(f".{final.name}.{token}.tmp")
-            pq.write_table(rows, tmp, compression="zstd")
-            with open(tmp, "rb+") as stream:
-                os.fsync(stream.fileno())
-            staged.append((tmp, final))
-        for tmp, final in staged:
-            os.replace(tmp, final)
-        for folder in {final.parent for _, final in staged}:
-            _fsync_dir(folder)
-        return [f"{final.parent.name}/{final.name}" for _, final in staged]
+        staged, parts = [], {}
+        final = self.out
+        try:
+            for table, rows in tables.items():
+                if table == "quarantine" and rows.num_rows == 0:
+                    continue
+                final = self.out / table / part_name(shard)
+                tmp = final.with_name(f".{final.name}.{token}.tmp")
+                staged.append((tmp, final))
+                pq.write_table(rows, tmp, compression="zstd")
+                with open(tmp, "rb+") as stream:
+                    digest = hashlib.file_digest(stream, "sha256").hexdigest()
+                    os.fsync(stream.fileno())
+                    parts[f"{table}/{final.name}"] = {"bytes": os.fstat(stream.fileno()).st_size, "sha256": digest}
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            for folder in {final.parent for _, final in staged}:
+                _fsync_dir(folder)
+        except OSError as exc:
+            for tmp, _ in staged:
+                _discard(tmp)
+            raise RunWriteError(final, exc) from exc
+        return parts
 
     def commit(self, entry: dict) -> None:
         """Step 3: the shard joins the manifest, rewritten atomically. After this the shard is done."""
-        self.manifest["shards"][str(entry["shard"])] = entry
-        write_json_atomic(self.manifest_path, self.manifest, indent=None)  # one line: rewritten at every commit
+        self._write_manifest({**self.manifest, "shards": {**self.manifest["shards"], str(entry["shard"]): entry}})
+
+    def _write_manifest(self, manifest: dict) -> None:
+        write_json_atomic(self.manifest_path, manifest, indent=None)  # one line: rewritten at every commit
+        self.manifest = manifest  # only once it is on disk: a failed write leaves both as they were
 
     def table_context(self) -> dict:
         """What every part file's schema metadata says about the run, besides its own table."""
@@ -761,12 +1088,30 @@ class RunFolder:
         return [k for k in range(self.shards()) if str(k) not in self.manifest["shards"]]
 
 
+def _probe(folder: Path) -> None:
+    """Create and remove a file in ``folder``: a read-only run folder is refused before the model loads."""
+    probe = folder / f".probe.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        _discard(probe)
+        raise RunWriteError(folder, exc, "cannot write the run folder") from exc
+
+
 def committed_parts(run: str | os.PathLike, table: str) -> list[Path]:
-    """The part files of ``table`` that the manifest lists: the run's rows, each exactly once."""
+    """The part files of ``table`` that the manifest lists: the run's rows, each exactly once. A part that
+    is missing or not the size it was committed at is refused (``mimetic ingest`` redoes its shard)."""
     folder = RunFolder(run)
     manifest = folder.load_manifest()
-    files = [f for k in sorted(manifest["shards"], key=int) for f in manifest["shards"][k]["files"]]
-    return [folder.out / f for f in files if f.startswith(f"{table}/")]
+    parts = []
+    for k in sorted(manifest["shards"], key=int):
+        entry = manifest["shards"][k]
+        problem = folder.check_parts(entry)
+        if problem:
+            raise RunFolderError(f"{folder.out}: shard {k}: {problem}. Run the same mimetic ingest again: it redoes the shard.")
+        parts += [folder.out / f for f in entry["files"] if f.startswith(f"{table}/")]
+    return parts
 
 
 def read_run(run: str | os.PathLike, table: str = "panoramas", columns: list[str] | None = None) -> pa.Table:
@@ -822,12 +1167,15 @@ def embed_in_order(engine, items: Iterable[InputItem], north_up: bool) -> Iterat
         waiting = None
         for index, item in enumerate(items):
             if index not in early and waiting is None:
-                waiting = next(results)
+                # None once the Engine is done: then feed() has run to its end, and every item left
+                # (all of them, when none had a heading under --north-up) failed early.
+                waiting = next(results, None)
             if index in early:
                 yield item, EmbedResult(id=item.id, views=engine.views, meta=item.meta, error=early.pop(index))
                 continue
-            if waiting.id != item.id:
-                raise RuntimeError(f"internal: result for {waiting.id} arrived in the place of {item.id}")
+            if waiting is None or waiting.id != item.id:
+                got = "no result" if waiting is None else f"the result for {waiting.id}"
+                raise RuntimeError(f"internal: {got} arrived in the place of {item.id}")
             yield item, waiting
             waiting = None
     finally:
@@ -840,24 +1188,21 @@ def embed_in_order(engine, items: Iterable[InputItem], north_up: bool) -> Iterat
 def build_shard(run: RunFolder, shard: int, outcomes: list, *, north_up: bool, context: dict, seconds: float) -> dict:
     """Write shard ``shard``'s parts (steps 1 and 2) and return its manifest entry (for step 3)."""
     tables = shard_tables(shard, outcomes, north_up, context)
-    files = run.write_parts(shard, tables)
+    parts = run.write_parts(shard, tables)
     items = [item for item, _ in outcomes]
     return {
         "shard": shard, "first": items[0].id, "last": items[-1].id, "inputs": len(items),
         "panoramas": tables["panoramas"].num_rows, "views": tables["views"].num_rows,
-        "quarantined": tables["quarantine"].num_rows, "files": files,
+        "quarantined": tables["quarantine"].num_rows, "files": list(parts), "parts": parts,
         "seconds": round(seconds, 3), "committed_at": _now(),
     }
 
 
 def make_engine(config: EngineConfig):
-    """The Engine, with --random-weights seeded so every process builds the same untrained model."""
-    import torch
-
+    """The Engine for ``config``. With --random-weights it draws its untrained weights from ``config.seed``
+    (which the fingerprint records), so every process (resume, Ray actors, query) builds the same model."""
     from engine.pipeline import Engine
 
-    if config.random_weights:
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
     return Engine(config)
 
 
@@ -870,7 +1215,8 @@ class Progress:
     def __init__(self, total: int, shards: int, done_shards: int, *, quiet: bool, label: str = "ingest"):
         self.total, self.shards, self.done_shards, self.quiet, self.label = total, shards, done_shards, quiet, label
         self.panoramas = self.views = self.errors = 0
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # made once the model is loaded: its rates are the embedding's
+        self.finished: float | None = None
         self._shown = 0.0
         self.bar = None
         if not quiet:
@@ -904,8 +1250,13 @@ class Progress:
             )
 
     def close(self) -> None:
+        self.finished = time.perf_counter()
         if self.bar is not None:
             self.bar.close()
+
+    def seconds(self) -> float:
+        """From the bar's start to its close: the time spent embedding and committing, model loading excluded."""
+        return (self.finished or time.perf_counter()) - self.started
 
 
 def _duration(seconds: float) -> str:
@@ -915,9 +1266,15 @@ def _duration(seconds: float) -> str:
 
 
 def write_summary(run: RunFolder, *, engine: str, started: float, progress: Progress, listing: Listing) -> dict:
-    """RUN/summary.json: the run's counts (all committed shards) and this invocation's rates."""
+    """RUN/summary.json: the run's counts (all committed shards) and this invocation's rates, two of each:
+
+    - ``embedding_*``: over the time the progress bar ran (the rates it shows), from the first input
+      handed to the loaded model to the last commit;
+    - ``panoramas_per_s``, ``views_per_s``: over ``wall_s``, the whole invocation, model loading included.
+    """
     shards = run.manifest["shards"].values()
     wall = time.perf_counter() - started
+    embedding = progress.seconds() if progress.panoramas + progress.errors else 0.0
     summary = {
         "run": str(run.out),
         "complete": not run.pending(),
@@ -934,6 +1291,9 @@ def write_summary(run: RunFolder, *, engine: str, started: float, progress: Prog
         "this_invocation": {
             "panoramas": progress.panoramas, "views": progress.views, "quarantined": progress.errors,
             "wall_s": round(wall, 3), "panoramas_per_s": progress.panoramas / wall, "views_per_s": progress.views / wall,
+            "embedding_s": round(embedding, 3),
+            "embedding_panoramas_per_s": progress.panoramas / embedding if embedding else 0.0,
+            "embedding_views_per_s": progress.views / embedding if embedding else 0.0,
         },
         "finished_at": _now(),
     }
@@ -957,11 +1317,16 @@ def prepare(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_s
 
 
 def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metadata: Sequence = (),
-           shard_size: int = DEFAULT_SHARD_SIZE, north_up: bool = False, quiet: bool = False) -> dict:
+           shard_size: int = DEFAULT_SHARD_SIZE, north_up: bool = False, quiet: bool = False,
+           verify: bool = False, hash_inputs: bool = False) -> dict:
     """Embed every input of ``dump`` into the run folder ``out``, resuming it if it exists; returns the summary.
 
     Pass ``config`` (an Engine is built, after the run folder is checked) or an ``engine`` to reuse.
-    Raises ``RunMismatchError`` when ``out`` was started with other settings or inputs.
+    ``verify`` checks every committed part against its sha256 (sizes are always checked) and redoes
+    the shards that differ; ``hash_inputs`` makes a new run compare its inputs by content rather than
+    by size and modification time. Raises ``RunMismatchError`` when ``out`` was started with other
+    settings or inputs (unless it has no committed shard), ``RunFolderError`` for a damaged manifest,
+    ``RunWriteError`` when the folder cannot be written.
     """
     started = time.perf_counter()
     if engine is None and config is None:
@@ -969,7 +1334,8 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
     config = engine.config if engine is not None else config
     run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up)
     with run.lock():
-        run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config)
+        run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
+                 hash_inputs=hash_inputs, verify=verify)
         pending = run.pending()
         if pending and engine is None:
             engine = make_engine(config)

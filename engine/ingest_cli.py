@@ -1,7 +1,8 @@
 """The ``ingest`` and ``query`` commands of ``mimetic``: ``add_parsers`` adds them, ``run`` runs them.
 
     mimetic ingest DUMP --out RUN [--metadata FILE ...] [--shard-size N] [--north-up] [--quiet]
-                   [--engine local|ray] [--address ADDR] [--actors N] [engine flags]
+                   [--verify] [--hash-inputs] [--engine local|ray] [--address ADDR] [--actors N]
+                   [--verbose] [engine flags]
     mimetic query RUN "a baroque church" [--top 20] [--views] [--out PREFIX] [--device auto]
 """
 
@@ -16,8 +17,6 @@ from engine.cli import positive_int
 # engine.ingest.DEFAULT_SHARD_SIZE, written out so that building the parser does not import pyarrow
 # (a test keeps them equal).
 DEFAULT_SHARD_SIZE = 1000
-
-
 
 def add_parsers(commands) -> None:
     """Add ``ingest`` and ``query`` to the ``mimetic`` command's subparsers."""
@@ -47,11 +46,19 @@ def add_parsers(commands) -> None:
                         help="turn each panorama by its heading so a view's yaw is its compass bearing (0 = north); "
                              "inputs without a heading go to the quarantine")
     ingest.add_argument("--quiet", action="store_true", help="plain log lines per shard instead of a progress bar")
+    ingest.add_argument("--verify", action="store_true",
+                        help="check every committed part against the sha256 recorded at its commit (sizes are always "
+                             "checked) and redo the shards that differ")
+    ingest.add_argument("--hash-inputs", action="store_true",
+                        help="tell a replaced input by its content (sha256, every input read once) instead of its size "
+                             "and modification time; set when the run starts")
     ingest.add_argument("--engine", dest="runner", choices=("local", "ray"), default="local",
                         help="local: one Engine in this process (default); ray: an actor pool on Ray Data")
     ingest.add_argument("--address", default=None, help="Ray cluster address for --engine ray (default: start a local one)")
     ingest.add_argument("--actors", type=positive_int, default=None,
                         help="Ray actors, each with its own Engine (default: one per GPU, or one per 4 CPUs)")
+    ingest.add_argument("--verbose", action="store_true",
+                        help="with --engine ray: all of Ray's own log lines (by default only its warnings and errors)")
     add_engine_arguments(ingest)
 
     query = commands.add_parser(
@@ -83,9 +90,10 @@ def run(args: argparse.Namespace) -> int | None:
 
 def _ingest(args: argparse.Namespace) -> int:
     from engine.cli import config_from_args
-    from engine.ingest import InputError, RunMismatchError, ingest
+    from engine.ingest import InputError, RunMismatchError, RunWriteError, ingest
 
-    options = {"metadata": args.metadata, "shard_size": args.shard_size, "north_up": args.north_up, "quiet": args.quiet}
+    options = {"metadata": args.metadata, "shard_size": args.shard_size, "north_up": args.north_up, "quiet": args.quiet,
+               "verify": args.verify, "hash_inputs": args.hash_inputs}
     try:
         config = config_from_args(args)
         if args.runner == "ray":
@@ -96,17 +104,20 @@ def _ingest(args: argparse.Namespace) -> int:
                 return 2
             from engine.distributed import ingest_ray
 
-            summary = ingest_ray(args.dump, args.out, config=config, address=args.address, actors=args.actors, **options)
+            summary = ingest_ray(args.dump, args.out, config=config, address=args.address, actors=args.actors,
+                                 verbose=args.verbose, **options)
         else:
             summary = ingest(args.dump, args.out, config=config, **options)
-    except (RunMismatchError, InputError) as exc:
+    except (RunMismatchError, InputError, RunWriteError) as exc:  # the run folder's own errors; others reach main()
         print(f"mimetic ingest: error: {exc}", file=sys.stderr)
         return 2
     now = summary["this_invocation"]
     print(
         f"{summary['panoramas']} panoramas, {summary['views']} views, {summary['quarantined']} quarantined "
         f"({summary['shards_done']}/{summary['shards']} shards) -> {args.out}; this run: {now['panoramas']} panoramas "
-        f"in {now['wall_s']:.1f} s, {now['panoramas_per_s']:.2f} panoramas/s, {now['views_per_s']:.1f} views/s"
+        f"in {now['wall_s']:.1f} s; embedding: {now['embedding_panoramas_per_s']:.2f} panoramas/s, "
+        f"{now['embedding_views_per_s']:.1f} views/s; wall, including model loading: {now['panoramas_per_s']:.2f} "
+        f"panoramas/s, {now['views_per_s']:.1f} views/s"
     )
     if summary["quarantined"]:
         print(f"quarantined inputs and reasons: {args.out}/quarantine/part-*.parquet")

@@ -480,17 +480,21 @@ def test_the_progress_bar_shows_panoramas_views_per_second_and_errors(tmp_path, 
     assert "pano/s" in err and "views/s" in err and "2 errors" in err and "10/10" in err
 
 
-def test_random_weights_are_the_same_in_every_process(tmp_path):
-    """--random-weights is seeded, so a resumed run, a Ray actor and a query all see one model."""
-    from engine.ingest import make_engine
+def test_random_weights_are_the_same_in_every_process(tmp_path, caplog):
+    """--random-weights is seeded, so a resumed run, a Ray actor and a query all see one model; the seed
+    is in the run's fingerprint, since another seed is another model."""
+    from engine.ingest import config_fingerprint, make_engine
 
     config = EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=(), device="cpu")
-    with pytest.warns(RuntimeWarning, match="RANDOM"):
-        first = make_engine(config).embed_text(["a street"])
+    first = make_engine(config).embed_text(["a street"])
     torch.manual_seed(1234)  # whatever the process did before
-    with pytest.warns(RuntimeWarning, match="RANDOM"):
-        second = make_engine(config).embed_text(["a street"])
+    second = make_engine(config).embed_text(["a street"])
     assert torch.equal(first, second)
+    assert caplog.text.count("RANDOM") >= 2  # said every time
+    fingerprint = lambda c: config_fingerprint(c, north_up=False, shard_size=8)  # noqa: E731
+    assert fingerprint(config) != fingerprint(EngineConfig(**{**config.__dict__, "seed": 1}))
+    trained = EngineConfig(clip_model="ViT-B-32", vocabularies=())
+    assert fingerprint(trained) == fingerprint(EngineConfig(**{**trained.__dict__, "seed": 1}))  # unused there
 
 
 def test_the_command_line_default_shard_size_is_the_library_one():
