@@ -14,15 +14,24 @@ per shard; a kill of anything at any moment leaves only what the local job's res
 
 Ray Data fails a whole job on one bad row by default. Here a bad image never reaches Ray as an
 error: the Engine returns it as a failed result, and it goes to the quarantine like in the local
-job. A shard that fails as a whole (an actor lost for good, a bug) is left uncommitted and logged,
-the rest go on (``max_errored_blocks``), and the summary says the run is incomplete: running the
-same command again does the missing shards.
+job. A shard that fails as a whole (an actor lost, a bug) is left uncommitted and logged, the rest
+go on (``max_errored_blocks``); once they are done, the failed shards are tried once more on a new
+actor pool. What still fails is left, and the summary says the run is incomplete: running the same
+command again does the missing shards. Retries are made here, per shard, rather than by Ray
+restarting actors (``max_restarts=0``): a shard is idempotent, and Ray cannot promise to restart an
+actor whose constructor arguments live in its object store, as every Ray Data actor's do (it logs
+an error line saying so, ray-project/ray#53727).
+
+Ray's own log lines are kept at warning level and up unless ``verbose``; two notices that only
+restate this module's own choices (token authentication on, Ray Data's progress bars off) are
+left out.
 
 The run folder must be on a filesystem every node sees, and mimetic must be installed on every node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,6 +55,13 @@ from engine.ingest import (
     prepare,
     shard_items,
     write_summary,
+)
+
+SHARD_ATTEMPTS = 2  # a shard that failed as a whole is tried once more, on a new actor pool
+# Ray notices that restate a choice made here (logger name, message start): not shown unless verbose.
+RAY_NOTICES = (
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this Ray cluster"),
+    ("ray.data._internal.progress", "Progress bars disabled"),
 )
 
 
@@ -90,26 +106,41 @@ def plan_actors(config: EngineConfig, resources: dict, actors: int | None) -> tu
 
 
 def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
-               north_up: bool = False, quiet: bool = False, address: str | None = None, actors: int | None = None) -> dict:
-    """``engine.ingest.ingest`` on Ray Data; connects to ``address`` (or the running Ray, or a new local one)."""
+               north_up: bool = False, quiet: bool = False, verify: bool = False, hash_inputs: bool = False,
+               address: str | None = None, actors: int | None = None, verbose: bool = False) -> dict:
+    """``engine.ingest.ingest`` on Ray Data; connects to ``address`` (or the running Ray, or a new local one).
+
+    The Engine settings reach every actor in ``config`` (the decoded-bytes budget, ``max_decode_mib``,
+    among them: it holds per actor, for that actor's Engine).
+    """
     import ray
 
     started = time.perf_counter()
     run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up)
     with run.lock():
-        run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config)
+        run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
+                 hash_inputs=hash_inputs, verify=verify)
         pending = run.pending()
         shards = {k: shard_items(listing, run, k) for k in pending}
-        rows = [{"shard": k, "items": json.dumps([dataclasses.asdict(i) for i in items])} for k, items in shards.items()]
         progress = Progress(sum(map(len, shards.values())), run.shards(), run.shards() - len(pending),
                             quiet=quiet, label="ingest (ray)")
         owns_ray = False
         try:
-            if rows:
-                if not ray.is_initialized():
-                    ray.init(address=address, include_dashboard=False, log_to_driver=not quiet, logging_level=logging.WARNING)
+            with _ray_logs(verbose):
+                if shards and not ray.is_initialized():
+                    ray.init(address=address, include_dashboard=False, log_to_driver=verbose or not quiet,
+                             logging_level=logging.INFO if verbose else logging.WARNING)
                     owns_ray = True
-                _run_shards(ray, run, rows, config, north_up, actors, progress)
+                    progress.started = time.perf_counter()  # starting the cluster is not embedding
+                for attempt in range(SHARD_ATTEMPTS):
+                    rows = [{"shard": k, "items": json.dumps([dataclasses.asdict(i) for i in shards[k]])}
+                            for k in run.pending() if k in shards]
+                    if not rows:
+                        break
+                    if attempt:
+                        print(f"mimetic ingest: {len(rows)} shards failed as a whole ({_shard_list(r['shard'] for r in rows)}); "
+                              "trying them once more", file=sys.stderr)
+                    _run_shards(ray, run, rows, config, north_up, actors, progress)
         finally:
             progress.close()
             if owns_ray:
@@ -118,9 +149,51 @@ def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shar
         summary = write_summary(run, engine="ray", started=started, progress=progress, listing=listing)
     missing = run.pending()
     if missing:
-        print(f"mimetic ingest: {len(missing)} shards failed as a whole ({', '.join(map(str, missing[:10]))}"
-              f"{', ...' if len(missing) > 10 else ''}); run the same command again to do them", file=sys.stderr)
+        print(f"mimetic ingest: {len(missing)} shards failed as a whole ({_shard_list(missing)}); "
+              "run the same command again to do them", file=sys.stderr)
     return summary
+
+
+def _shard_list(shards) -> str:
+    shards = list(shards)
+    return ", ".join(map(str, shards[:10])) + (", ..." if len(shards) > 10 else "")
+
+
+class _Notices(logging.Filter):
+    """Drops the records of RAY_NOTICES."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(record.name == name and message.startswith(start) for name, start in RAY_NOTICES)
+
+
+@contextlib.contextmanager
+def _ray_logs(verbose: bool):
+    """Ray's own log lines at warning level and up while the job runs, unless ``verbose``.
+
+    ``ray.init(logging_level=...)`` sets Ray core's level; Ray Data has a console handler of its own,
+    at INFO. Both are put back afterwards: the caller's process may use Ray for more than this.
+    """
+    if verbose:
+        yield
+        return
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its handlers)
+
+    notices = _Notices()
+    emitters = [logging.getLogger(name) for name, _ in RAY_NOTICES]
+    consoles = [h for h in logging.getLogger("ray.data").handlers if h.name == "console"]
+    levels = [h.level for h in consoles]
+    for logger in emitters:
+        logger.addFilter(notices)
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger in emitters:
+            logger.removeFilter(notices)
+        for handler, level in zip(consoles, levels, strict=True):
+            handler.setLevel(level)
 
 
 def _run_shards(ray, run: RunFolder, rows: list[dict], config: EngineConfig, north_up: bool, actors: int | None,
@@ -142,6 +215,7 @@ def _run_shards(ray, run: RunFolder, rows: list[dict], config: EngineConfig, nor
             compute=ActorPoolStrategy(size=count),
             num_cpus=cpus,
             num_gpus=gpus,
+            max_restarts=0,  # shards are retried by ingest_ray, not actors by Ray (see the module's docstring)
         )
         for row in dataset.iter_rows():
             entry = json.loads(row["entry"])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +15,18 @@ from engine.config import EngineConfig
 from engine.ingest import ingest
 from engine.models.tiny import make_tiny_clip
 
-from .test_ingest import SHARD, Crash, assert_same_rows, build_dump, leftovers, reference, small, snapshot, tiny_engine
+from .test_ingest import (
+    REPO_ROOT,
+    SHARD,
+    Crash,
+    assert_same_rows,
+    build_dump,
+    leftovers,
+    reference,
+    small,
+    snapshot,
+    tiny_engine,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, about its own settings
 
@@ -31,6 +45,65 @@ def setting(tmp_path_factory, louvre, jordan_pond, tiny_clip):
     engine = tiny_engine(tiny_clip)
     city = build_dump(tmp_path_factory.mktemp("city"), [small(louvre), small(jordan_pond)])
     return city, engine, reference(tmp_path_factory.mktemp("reference"), city, engine)
+
+
+def test_a_successful_ray_run_prints_no_error_and_no_token_notice(tmp_path, louvre, tiny_clip):
+    """A new local cluster, as a user's first ``--engine ray`` run starts it (first in this file, before
+    this process starts its own Ray): Ray core's, Ray Data's and the C++ driver's lines stay below
+    warning level or are not printed, so stderr holds our progress and nothing that reads as a failure."""
+    dump, metadata, _ = build_dump(tmp_path, [small(louvre)], count=3)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "ingest", str(dump), "--out", str(tmp_path / "run"), "--metadata", str(metadata),
+         "--engine", "ray", "--address", "local", "--actors", "1", "--clip-model", tiny_clip, "--batch-size", "16",
+         "--top-k", "3", "--shard-size", "3"],
+        cwd=REPO_ROOT, env=env, text=True, capture_output=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 panoramas, 24 views, 3 quarantined (2/2 shards)" in done.stdout
+    for line in re.split(r"[\r\n]+", done.stderr):
+        assert not re.search(r"\bERROR\b|\] E \d|Traceback", line), line  # Python's ERROR, C++'s "E", a traceback
+        assert not re.search(r"\bINFO\b|\] I \d", line), line  # Ray's info lines: only with --verbose
+        assert "Token authentication" not in line and "Progress bars disabled" not in line, line
+    assert "ingest (ray)" in done.stderr  # the progress bar is ours, and it is there
+
+
+def test_the_actors_engines_get_the_decode_budget_from_the_config(tmp_path, tiny_clip):
+    """--max-decode-mib reaches each actor in its EngineConfig: its Engine's budget is that size."""
+    from engine.distributed import ShardWorker
+
+    config = EngineConfig(clip_model=tiny_clip, batch_size=16, top_k=3, max_decode_mib=96)
+    worker = ShardWorker(config, str(tmp_path), north_up=False, context={}, threads=None)
+    assert worker.engine.decode_budget.limit == 96 * 2**20
+
+
+def test_shards_that_failed_as_a_whole_are_tried_once_more(tmp_path, setting, tiny_clip, local_ray, monkeypatch, capsys):
+    """The first pass loses shards 2 and 4 (an actor lost: Ray does not restart them, max_restarts=0); the
+    second pass, on a new pool, gets exactly those, and the run ends complete with the local rows."""
+    from engine import distributed
+    from engine.distributed import ingest_ray
+    from engine.ingest import build_shard, embed_in_order, shard_items
+
+    (dump, metadata, _), engine, reference_run = setting
+    passes = []
+
+    def fake_pass(ray, run, rows, config, north_up, actors, progress):  # the pool's work, done here
+        shards = [row["shard"] for row in rows]
+        passes.append(shards)
+        listing = ingest_module.list_inputs(dump, [metadata])
+        for shard in shards:
+            if len(passes) == 1 and shard in (2, 4):
+                continue
+            outcomes = list(embed_in_order(engine, shard_items(listing, run, shard), north_up))
+            run.commit(build_shard(run, shard, outcomes, north_up=north_up, context=run.table_context(), seconds=0.0))
+
+    monkeypatch.setattr(distributed, "_run_shards", fake_pass)
+    config = EngineConfig(clip_model=tiny_clip, batch_size=16, top_k=3)
+    summary = ingest_ray(dump, tmp_path / "run", config=config, metadata=[metadata], shard_size=SHARD, quiet=True)
+    assert passes == [[0, 1, 2, 3, 4, 5], [2, 4]]
+    assert "2 shards failed as a whole (2, 4); trying them once more" in capsys.readouterr().err
+    assert summary["complete"]
+    assert_same_rows(snapshot(tmp_path / "run"), snapshot(reference_run))
 
 
 @pytest.fixture(scope="module")
