@@ -110,13 +110,32 @@ def test_checkpoint_into_a_named_architecture(tiny, tiny_dir, views, tmp_path, m
     assert torch.equal(loaded.encode_text(TEXTS), tiny.encode_text(TEXTS))
 
 
-def test_random_weights_is_loud(tiny_dir, caplog):
-    with caplog.at_level(logging.WARNING), pytest.warns(RuntimeWarning, match="RANDOM"):
+def test_random_weights_is_loud_once_per_load(tiny_dir, caplog):
+    """One warning line each time (a log record, not also a RuntimeWarning with a source line)."""
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning would raise here
         model = load_clip(f"local-dir:{tiny_dir}", random_weights=True, device="cpu")
-    assert model.weights.startswith("RANDOM")
-    assert any("MEANINGLESS" in r.getMessage() for r in caplog.records)
-    with pytest.warns(RuntimeWarning, match="MEANINGLESS"):  # every time, not once per process
-        load_clip(f"local-dir:{tiny_dir}", random_weights=True, device="cpu")
+        assert [r.levelno for r in caplog.records if "MEANINGLESS" in r.getMessage()] == [logging.WARNING]
+        load_clip(f"local-dir:{tiny_dir}", random_weights=True, device="cpu")  # every time, not once per process
+    loud = [r.getMessage() for r in caplog.records if "MEANINGLESS" in r.getMessage()]
+    assert len(loud) == 2 and "RANDOM" in loud[0] and "--seed 0" in loud[0]
+    assert model.weights == "RANDOM (untrained, seed 0)"
+
+
+def test_random_weights_are_seeded_and_leave_the_callers_rng_alone(tiny_dir, views):
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    first = load_clip(f"local-dir:{tiny_dir}", random_weights=True, device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's next random number is unchanged
+    torch.manual_seed(99)  # whatever the process did before
+    again = load_clip(f"local-dir:{tiny_dir}", random_weights=True, device="cpu")
+    other = load_clip(f"local-dir:{tiny_dir}", random_weights=True, device="cpu", seed=1)
+    assert torch.equal(first.encode_images(views), again.encode_images(views))
+    assert torch.equal(first.encode_text(TEXTS), again.encode_text(TEXTS))
+    assert (first.encode_images(views).float() - other.encode_images(views).float()).abs().max() > 1e-2
+    assert other.weights == "RANDOM (untrained, seed 1)"
+    with pytest.raises(WeightsError, match="--seed must be an integer >= 0"):
+        load_clip(f"local-dir:{tiny_dir}", random_weights=True, device="cpu", seed=-1)
 
 
 def test_no_weights_says_what_to_pass():
@@ -171,8 +190,25 @@ def test_unknown_tag_lists_the_known_ones():
 
 
 def test_unknown_architecture():
-    with pytest.raises(WeightsError, match="unknown open_clip architecture"):
+    with pytest.raises(WeightsError, match="--clip-model ViT-Z-99: unknown open_clip architecture"):
         load_clip("ViT-Z-99", random_weights=True, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", "--device gpu: not a device"), ("cuda:x", "--device cuda:x: not a device"), ("meta", "--device meta: not supported")],
+)
+def test_a_device_this_machine_lacks_is_a_value_error_naming_the_flag(tiny_dir, device, message):
+    """Not torch's RuntimeError: the CLI reports a ValueError as one line."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_clip(f"local-dir:{tiny_dir}", device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_cuda_without_cuda_is_a_value_error_naming_the_flag(tiny_dir):
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=rf"--device {device}: torch sees no CUDA device"):
+            load_clip(f"local-dir:{tiny_dir}", device=device)
 
 
 @pytest.mark.parametrize("name", ["broken.safetensors", "broken.bin"])

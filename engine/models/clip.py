@@ -11,7 +11,8 @@ Where the weights come from, in this order (DESIGN.md, "Weights"):
    or ``~/.cache/clip`` for URL tags). The hub is the last resort and is tried only when asked for
    (``MIMETIC_DOWNLOAD_WEIGHTS=1``, and ``HF_HUB_OFFLINE`` not set): without a network, huggingface_hub's
    retries take minutes to give up, so by default a missing tag is an immediate ``WeightsError``.
-4. ``random_weights=True``: the real architecture, untrained, and a loud warning every time.
+4. ``random_weights=True``: the real architecture, untrained, initialised from ``seed`` (so two runs
+   build the same model, and the caller's RNG is left as it was), with one loud warning line every time.
 5. none of these: ``WeightsError`` saying what to pass.
 
 Precision (DESIGN.md, "Precision"): on CUDA the model runs in fp16 the way open_clip's
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_DIR = "local-dir:"
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-RANDOM = "RANDOM (untrained)"
+RANDOM = "RANDOM"  # how ClipModel.weights starts for --random-weights: "RANDOM (untrained, seed N)"
 ZERO_SHOT_LOGIT_SCALE = 100.0  # "softmax(100 * cos)", CLIP's zero-shot convention
 DOWNLOAD_ENV = "MIMETIC_DOWNLOAD_WEIGHTS"  # =1: a pretrained tag missing from the local cache may be downloaded
 
@@ -61,7 +61,7 @@ class ClipModel:
     model: torch.nn.Module  # open_clip CLIP, eval mode, on device
     tokenizer: Callable  # open_clip tokenizer: list[str] -> LongTensor (T, context_length)
     name: str  # architecture name or "local-dir:PATH"
-    weights: str  # where the weights came from: a path, "local-dir:PATH", "pretrained:TAG (path)", or RANDOM
+    weights: str  # where the weights came from: a path, "local-dir:PATH", "pretrained:TAG (path)", or RANDOM + seed
     image_size: tuple[int, int]  # (h, w) the image tower expects
     mean: tuple[float, float, float]  # the model's own normalisation (open_clip preprocess cfg)
     std: tuple[float, float, float]
@@ -122,11 +122,13 @@ def load_clip(
     device: str | torch.device = "auto",
     attention: str = "auto",
     compile: bool = False,
+    seed: int = 0,
 ) -> ClipModel:
     """Build ``model_name`` with its weights (see the module docstring for the order), ready to encode.
 
     ``device``: "auto" (CUDA if there is one), "cpu", "cuda", "cuda:N". ``attention``: "auto" | "sdpa" |
     "xformers" (see ``engine.models.attention``). ``compile``: ``torch.compile`` the image tower.
+    ``seed``: the initialisation of ``random_weights`` (recorded in ``weights``); unused otherwise.
     """
     import open_clip
 
@@ -143,8 +145,8 @@ def load_clip(
         )
     elif open_clip.get_model_config(model_name.replace("/", "-")) is None:
         raise WeightsError(
-            f"unknown open_clip architecture {model_name!r} (open_clip.list_models() lists them); "
-            "or pass --clip-model local-dir:PATH"
+            f"--clip-model {model_name}: unknown open_clip architecture (open_clip.list_models() lists them, "
+            "e.g. ViT-B-32, ViT-L-14); or pass --clip-model local-dir:PATH"
         )
     if weights is not None and random_weights:
         raise WeightsError(
@@ -155,7 +157,7 @@ def load_clip(
         # (1) a local checkpoint into the named architecture.
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsError(f"checkpoint file not found: {path}. {_OPTIONS}")
+            raise WeightsError(f"--clip-weights {weights}: checkpoint file not found ({path}). {_OPTIONS}")
         state = read_state_dict(path)
         model = _create(open_clip, model_name, precision, dev, load_weights=False)
         _load_strict(model, state, path)
@@ -189,15 +191,21 @@ def load_clip(
         _load_strict(model, state, path)
         source = f"pretrained:{weights} ({path})"
     elif random_weights:
-        # (4) the real architecture, untrained: loud, every time.
-        message = (
-            f"CLIP {model_name} is built with RANDOM, UNTRAINED weights (--random-weights): its embeddings "
-            "and zero-shot readings are MEANINGLESS. Use this for benchmarks and offline demonstrations only."
+        # (4) the real architecture, untrained and seeded: loud, every time, as one plain line (a log
+        # record: with no logging set up, Python prints just the message on stderr).
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise WeightsError(f"--seed must be an integer >= 0, got {seed!r}")
+        log.warning(
+            "CLIP %s is built with RANDOM, UNTRAINED weights (--random-weights, --seed %d): its embeddings and "
+            "zero-shot readings are MEANINGLESS. Use this for benchmarks and offline demonstrations only.",
+            model_name, seed,
         )
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        log.warning(message)
-        model = _create(open_clip, model_name, precision, dev, load_weights=False)
-        source = RANDOM
+        # Built on the CPU (open_clip moves it to the device after), so the CPU generator is the one that
+        # draws the weights; fork_rng puts the caller's RNG state back afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            model = _create(open_clip, model_name, precision, dev, load_weights=False)
+        source = f"{RANDOM} (untrained, seed {seed})"
     else:
         # (5)
         raise WeightsError(f"no weights given for CLIP {model_name}. {_OPTIONS}")
@@ -411,14 +419,24 @@ def _check_local_dir(model_name: str) -> None:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
+    """"auto", "cpu", "cuda", "cuda:N" (or a torch.device) -> a device this machine has; ValueError naming
+    --device otherwise, never torch's RuntimeError."""
     if isinstance(device, torch.device):
         dev = device
     elif device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for CUDA, but torch sees no CUDA device here; use cpu or auto")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: not supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 
