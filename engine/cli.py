@@ -2,9 +2,15 @@
 
     mimetic version
     mimetic reproject PANO [PANO ...] --out DIR [--views ring8] [--size 224] [--fov F] [--no-antialias] [--backend auto]
-    mimetic bench [--quick]
+    mimetic bench [--quick] [--out DIR]
 
 torch is imported inside the commands that need it, so ``mimetic --help`` answers at once.
+
+Every command runs under one error handler (``main``): a user's mistake (a flag, a path, a model or
+weights that cannot be found, a device that is not there) raises ``ValueError`` or ``OSError`` (the
+project's typed errors are ``ValueError``s), and is printed as one line, ``mimetic CMD: error: ...``,
+with exit status 2; Ctrl-C exits with 130. ``MIMETIC_TRACEBACK=1`` lets the exception through, with
+its traceback, for debugging.
 """
 
 from __future__ import annotations
@@ -27,6 +33,15 @@ BACKENDS = ("auto", "triton", "numba", "torch")
 # run(args) -> exit status, or None when the command is not its own. They import torch lazily.
 COMMAND_MODULES = ("engine.dream_cli", "engine.server_cli", "engine.ingest_cli")
 
+TRACEBACK_ENV = "MIMETIC_TRACEBACK"  # =1: a user's error raises with its traceback instead of one line
+USAGE_ERROR = 2  # the exit status of a user's mistake, as argparse uses for a bad flag
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EPILOG = (
+    "A mistake in a flag, a path, a model or its weights is reported as one line, "
+    f"'mimetic COMMAND: error: ...', with exit status {USAGE_ERROR}; Ctrl-C exits with {INTERRUPTED}. "
+    f"Set {TRACEBACK_ENV}=1 to see the full traceback instead."
+)
+
 
 def _command_modules():
     import importlib
@@ -35,12 +50,20 @@ def _command_modules():
 
 
 def positive_int(text: str) -> int:
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    return _bounded_int(text, 0, "an integer >= 0")
+
+
+def _bounded_int(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
 
 
@@ -48,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimetic",
         description="Cut 360° equirectangular panoramas into perspective views, read them with CLIP and redraw them with Stable Diffusion.",
+        epilog=EPILOG,
     )
     parser.add_argument("-V", "--version", action="version", version=f"mimetic {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -106,9 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_parsers(commands)
 
     bench = commands.add_parser(
-        "bench", help="run the benchmarks (bench/run_all.py); results go to bench/results/", description="Run bench.run_all; extra arguments are passed on to it."
+        "bench",
+        help="run the benchmarks (bench/run_all.py); each writes its JSON to bench/runs/ (or --out)",
+        description=(
+            "Run bench.run_all; extra arguments are passed on to it. Each bench prints a table and writes "
+            "<bench>-<device>-<date>.json to --out. The reference results in bench/results/ are never overwritten."
+        ),
     )
     bench.add_argument("--quick", action="store_true", help="small sizes and few repeats, for a smoke run")
+    bench.add_argument("--out", type=Path, default=None, metavar="DIR", help="folder for the JSON results (default bench/runs/, not tracked by git)")
     return parser
 
 
@@ -117,6 +147,33 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = os.environ.get(TRACEBACK_ENV, "") == "1"
+    try:
+        return run_command(args, extra)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"mimetic {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except (ValueError, OSError) as exc:  # the typed errors (WeightsError, DecodeError, ...) are ValueErrors
+        if debug:
+            raise
+        print(f"mimetic {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as one line: an OSError as "PATH: reason", anything else as its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        text = ": ".join([*paths, exc.strerror]) if paths else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def run_command(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run the parsed command; errors propagate to ``main``'s one handler."""
     if args.command == "version":
         return cmd_version()
     if args.command == "reproject":
@@ -137,27 +194,38 @@ def main(argv: list[str] | None = None) -> int:
 # -- the Engine's settings as flags ---------------------------------------------------------------
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field (``--clip-model``, ``--random-weights``, ``--batch-size``, ...)."""
-    from dataclasses import MISSING, fields
+def add_engine_arguments(parser: argparse.ArgumentParser, *, only=None, exclude=()) -> None:
+    """One flag per EngineConfig field (``--clip-model``, ``--random-weights``, ``--batch-size``, ...).
+
+    Each flag's help is its field's ``help`` plus its default. ``only`` keeps just the named fields (a
+    command that uses a few of them), ``exclude`` leaves some out (a command with its own flag of that
+    name); ``config_from_args`` gives a field without a flag its default.
+    """
+    from dataclasses import fields
 
     from engine.config import EngineConfig
 
     group = parser.add_argument_group("engine")
     for spec in fields(EngineConfig):
+        if (only is not None and spec.name not in only) or spec.name in exclude:
+            continue
         flag = "--" + spec.name.replace("_", "-")
-        default = spec.default if spec.default is not MISSING else None
+        default, text = spec.default, spec.metadata["help"]
+        if spec.name == "views":
+            text += f", one of {', '.join(PRESETS)} (`mimetic reproject --help` describes each)"
         if isinstance(default, bool):
             if default:
-                group.add_argument("--no-" + spec.name.replace("_", "-"), dest=spec.name, action="store_false", default=True)
+                group.add_argument("--no-" + spec.name.replace("_", "-"), dest=spec.name, action="store_false", default=True, help=f"turn off {text}")
             else:
-                group.add_argument(flag, dest=spec.name, action="store_true", default=False)
+                group.add_argument(flag, dest=spec.name, action="store_true", default=False, help=text)
         elif isinstance(default, tuple):
-            group.add_argument(flag, dest=spec.name, default=",".join(default), help=f"comma-separated (default {','.join(default)})")
+            group.add_argument(flag, dest=spec.name, default=",".join(default), help=f"{text} (default {','.join(default)})")
         elif isinstance(default, int):
-            group.add_argument(flag, dest=spec.name, type=positive_int, default=default, help=f"(default {default})")
+            kind = nonnegative_int if spec.metadata.get("minimum") == 0 else positive_int
+            group.add_argument(flag, dest=spec.name, type=kind, default=default, help=f"{text} (default {default})")
         else:
-            group.add_argument(flag, dest=spec.name, default=default, help=f"(default {default})")
+            shown = f" (default {default})" if default is not None else ""
+            group.add_argument(flag, dest=spec.name, default=default, help=text + shown)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -167,7 +235,7 @@ def config_from_args(args: argparse.Namespace):
 
     values = {}
     for spec in fields(EngineConfig):
-        value = getattr(args, spec.name)
+        value = getattr(args, spec.name, spec.default)
         if isinstance(spec.default, tuple) and isinstance(value, str):
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         values[spec.name] = value
@@ -176,7 +244,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _print_readings(result) -> None:
     if result.error:
-        print(f"{result.id}: error: {result.error}", file=sys.stderr)
+        print(result.error, file=sys.stderr)  # the error names its item: "bad/x.jpg: truncated JPEG ..."
         return
     parts = []
     for name, reading in result.readings.items():
@@ -279,11 +347,10 @@ def cmd_reproject(args: argparse.Namespace) -> int:
     from engine.views import view_set
     from kernels import reproject
 
-    try:
-        views = view_set(args.views, size=args.size, fov=args.fov)
-    except ValueError as exc:
-        print(f"mimetic reproject: error: {exc}", file=sys.stderr)
-        return 2
+    # Settings are checked once, before any panorama is read: a bad one is one error, not one per panorama.
+    if args.backend == "torch" and args.antialias:
+        raise ValueError("--backend torch is plain bilinear sampling (grid_sample), without the footprint filter: add --no-antialias")
+    views = view_set(args.views, size=args.size, fov=args.fov)
     # The panoramas go to the GPU when the backend may use it; reproject picks the kernel from their device.
     device = "cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +407,8 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
             raise
         print(f"mimetic bench: error: bench/run_all.py is not available ({exc})", file=sys.stderr)
         return 1
-    result = run_all.main((["--quick"] if args.quick else []) + extra)
+    options = (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else [])
+    result = run_all.main(options + extra)
     return int(result or 0)
 
 

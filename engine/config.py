@@ -1,8 +1,13 @@
-"""Typed settings for the Engine: one place for every default. Each field is also a CLI flag."""
+"""Typed settings for the Engine: one place for every default. Each field is also a CLI flag.
+
+Each field's ``help`` (its metadata) is the description its ``--flag`` shows in ``--help``; the flags
+are generated from these fields (``engine.cli.add_engine_arguments``), so a new field gets a flag and
+must say what it does. An int flag must be positive unless its metadata gives ``"minimum": 0``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_VOCABULARIES = ("styles", "periods", "urban")
 
@@ -11,20 +16,19 @@ DEFAULT_VOCABULARIES = ("styles", "periods", "urban")
 class EngineConfig:
     """What the Engine loads and how it runs. ``--flag-name`` on the CLI for every ``field_name``."""
 
-    views: str | list = "ring8"  # a preset of engine.views, or a list of ViewSpec / dicts
-    clip_model: str = "ViT-B-32"  # an open_clip architecture name, or "local-dir:PATH"
-    clip_weights: str | None = None  # a local .safetensors/.bin checkpoint, or an open_clip pretrained tag
-    random_weights: bool = False  # build the architecture untrained (benchmarks, offline demos): loud
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    attention: str = "auto"  # auto | sdpa | xformers
-    batch_size: int = 256  # views per model call
-    compile: bool = False  # torch.compile the image tower
-    vocabularies: tuple[str, ...] = DEFAULT_VOCABULARIES  # bundled names or paths to vocabulary files
-    top_k: int = 5  # labels kept per vocabulary, per view and pooled
-    antialias: bool = True  # footprint filter in the reprojection kernel
-    decode_workers: int = 4  # threads decoding images ahead of the model
-    max_pixels: int = 2**28  # decompression-bomb guard, per image
-    max_decode_mib: int = 2048  # memory for images being decoded or waiting for the model, over every input at once
-    seed: int = 0  # seeds the untrained weights of --random-weights, so a demo or bench run is reproducible
-    sd_model: str | None = None  # a local diffusers folder (dream, walk, loop)
-    sd_batch_size: int = 8  # views per Stable Diffusion call
+    # A preset of engine.views by name, or (from Python) a list of ViewSpec / dicts.
+    views: str | list = field(default="ring8", metadata={"help": "view-set preset"})
+    clip_model: str = field(default="ViT-B-32", metadata={"help": "an open_clip architecture name, or local-dir:PATH (an open_clip folder with its weights)"})
+    clip_weights: str | None = field(default=None, metadata={"help": "a local .safetensors/.bin checkpoint, or an open_clip pretrained tag in the local cache"})
+    random_weights: bool = field(default=False, metadata={"help": "build the architecture untrained, for benchmarks and offline demos: readings are meaningless"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when there is one)"})
+    attention: str = field(default="auto", metadata={"help": "attention backend: auto | sdpa | xformers"})
+    batch_size: int = field(default=256, metadata={"help": "views per model call"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the image tower (slow to start, faster on long runs)"})
+    vocabularies: tuple[str, ...] = field(default=DEFAULT_VOCABULARIES, metadata={"help": "comma-separated vocabularies for zero-shot readings: bundled names or files"})
+    top_k: int = field(default=5, metadata={"help": "labels kept per vocabulary, per view and pooled"})
+    antialias: bool = field(default=True, metadata={"help": "the reprojection kernel's footprint (tent) filter; without it views are sampled plainly bilinearly"})
+    decode_workers: int = field(default=4, metadata={"help": "threads decoding images ahead of the model"})
+    max_pixels: int = field(default=2**28, metadata={"help": "largest image accepted, in pixels (decompression-bomb guard)"})
+    max_decode_mib: int = field(default=2048, metadata={"help": "memory for images being decoded or waiting for the model, over every input at once, in MiB"})
+    seed: int = field(default=0, metadata={"help": "seed of the untrained weights of --random-weights, so a demo or bench run is reproducible", "minimum": 0})

@@ -17,9 +17,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RING8_NAMES = [f"{i}_y{yaw}_p0.png" for i, yaw in enumerate(range(0, 360, 45))]
 
 
-def mimetic(*args: str) -> subprocess.CompletedProcess:
-    """Run ``python -m engine.cli ARGS`` from the repo root, importable whether or not it is pip-installed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+def mimetic(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m engine.cli ARGS`` from the repo root, importable whether or not it is pip-installed;
+    ``env`` adds variables to this process's environment."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -144,3 +146,27 @@ def test_bench_calls_run_all_main(monkeypatch):
     assert cli.main(["bench", "--quick"]) == 3
     assert cli.main(["bench"]) == 3
     assert calls == [["--quick"], []]
+    assert cli.main(["bench", "--out", "somewhere", "--only", "clip"]) == 3
+    assert calls[-1] == ["--out", "somewhere", "--only", "clip"]
+
+
+def test_a_bench_run_leaves_the_reference_results_alone(monkeypatch, tmp_path, capsys):
+    """The quickest bench, through ``mimetic bench``: its JSON goes to --out, or by default to bench/runs/."""
+    from bench import _results, reproject
+
+    small = tmp_path / "small.png"
+    Image.open(REPO_ROOT.parent / "shared" / "panoramas" / "louvre.jpg").resize((256, 128)).save(small)
+    monkeypatch.setattr(reproject, "DEFAULT_PANO", small)  # a small panorama keeps the run to seconds
+    results = _results.RESULTS_DIR
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    assert cli.main(["bench", "--quick", "--only", "reproject", "--out", str(tmp_path / "runs")]) == 0
+    [written] = (tmp_path / "runs").glob("reproject-*.json")
+    assert json.loads(written.read_text())["bench"] == "reproject"
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
+    # Without --out: bench/runs/, which git ignores; bench/results/ keeps only the committed references.
+    assert _results.RUNS_DIR == REPO_ROOT / "bench" / "runs"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/runs/reproject-x.json"], cwd=REPO_ROOT)
+    assert ignored.returncode == 0
+    monkeypatch.setattr(_results, "RUNS_DIR", tmp_path / "default")
+    path = _results.write_result("reproject", "Some CPU", "2026-01-01", {"bench": "reproject"})
+    assert path == tmp_path / "default" / "reproject-some-cpu-2026-01-01.json" and path.is_file()

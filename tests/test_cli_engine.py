@@ -60,3 +60,67 @@ def test_engine_flags_are_all_on_the_command_line():
     for spec in fields(EngineConfig):
         flag = spec.name.replace("_", "-")
         assert f"--{flag}" in help_text or f"--no-{flag}" in help_text, flag
+
+
+def _command(name: str):
+    """The argparse parser of ``mimetic NAME`` (in-process: building it loads no model)."""
+    import argparse
+
+    from engine import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def _options(parser) -> dict:
+    return {option: action for action in parser._actions for option in action.option_strings}
+
+
+@pytest.mark.parametrize("command", ["embed", "demo", "serve", "ingest", "dream", "loop"])
+def test_every_engine_flag_says_what_it_does(command):
+    from dataclasses import fields
+
+    from engine.config import EngineConfig
+
+    options = _options(_command(command))
+    for spec in fields(EngineConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        action = options.get(flag) or options.get("--no-" + spec.name.replace("_", "-"))
+        assert action is not None, (command, flag)
+        assert action.help and len(action.help.split()) >= 3, (command, flag, action.help)
+    assert all(name in options["--views"].help for name in ("ring8", "ring4", "cube6", "gsv6"))
+    assert "(default ring8)" in options["--views"].help and "(default 256)" in options["--batch-size"].help
+
+
+def test_stable_diffusion_flags_only_where_they_do_something():
+    for command in ("embed", "demo", "serve", "ingest"):
+        options = _options(_command(command))
+        assert "--sd-model" not in options and "--sd-batch-size" not in options, command
+    for command in ("dream", "walk", "loop"):
+        options = _options(_command(command))
+        assert options["--sd-model"].help and options["--sd-batch-size"].help, command
+    # A walk runs no CLIP: its engine flags are the ones the diffusion model uses.
+    assert "--clip-model" not in _options(_command("walk")) and "--device" in _options(_command("walk"))
+
+
+def test_the_random_weights_warning_is_one_plain_line(tiny_dir, tmp_path):
+    run = mimetic("demo", "--out", str(tmp_path), "--clip-model", f"local-dir:{tiny_dir}", "--random-weights", "--views", "ring4")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("RANDOM, UNTRAINED weights") == 1, run.stderr
+    assert "RuntimeWarning" not in run.stderr and "warnings.warn" not in run.stderr
+    [line] = [line for line in run.stderr.splitlines() if "RANDOM" in line]
+    assert line.startswith("CLIP local-dir:") and "MEANINGLESS" in line
+
+
+def test_a_random_weights_demo_is_reproducible(tiny_dir, tmp_path):
+    """Two runs give the same embeddings (the seed is fixed, 0 by default) and info.json records it."""
+    tables = []
+    for name in ("a", "b"):
+        run = mimetic("demo", "--out", str(tmp_path / name), "--clip-model", f"local-dir:{tiny_dir}", "--random-weights", "--views", "ring4")
+        assert run.returncode == 0, run.stderr
+        tables.append(pq.read_table(tmp_path / name / "results.parquet").to_pylist())
+        info = json.loads((tmp_path / name / "info.json").read_text())
+        assert info["clip"]["weights"] == "RANDOM (untrained, seed 0)"
+    embeddings = [[row["embedding"] for row in table if row["kind"] != "error"] for table in tables]
+    assert len(embeddings[0]) == 5 and embeddings[0] == embeddings[1]  # the synthetic street: 4 views and the pooled row
