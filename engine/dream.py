@@ -32,13 +32,12 @@ antialiasing), so a score measures what the model changed, not a difference in r
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import string
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,9 +55,13 @@ from engine.models.diffusion import (
     img2img_steps,
 )
 from engine.pipeline import Engine, Panorama, check_equirectangular
-from engine.results import file_stems
+from engine.results import file_stems, write_csv
 from engine.vocab import Vocabulary, load_vocabulary
 from kernels import ViewSpec
+
+# Called with units of work done (views, frames or iterations), in fractions as denoising steps finish.
+Progress = Callable[[float], None]
+DRIFT_COLUMNS = ("iteration", "seed", "prompt", "drift", "step_drift", "prompt_cosine")  # a loop's <stem>-drift.csv
 
 # ---------------------------------------------------------------------------------------------------
 # Parameters: checked before any model is loaded, recorded with every result.
@@ -89,12 +92,18 @@ class DreamParams:
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.template is not None and not self.from_labels:
             raise ValueError("a template fills in labels: it needs from_labels")
-        img2img_steps(check_steps(self.steps), check_strength(self.strength))
+        steps_run = img2img_steps(check_steps(self.steps), check_strength(self.strength))
         check_guidance(self.guidance)
         _check_seed(self.seed)
         check_steps(self.batch_size, "batch_size")
         if self.trajectory_every is not None:
             check_steps(self.trajectory_every, "trajectory_every")
+            if self.trajectory_every > steps_run:  # it would record no step at all, and say nothing
+                raise ValueError(
+                    f"trajectory_every (--trajectory-every) is {self.trajectory_every}, more than the {steps_run} denoising "
+                    f"steps img2img runs (steps {self.steps} x strength {self.strength}), so no step would be recorded; "
+                    f"give at most {steps_run}"
+                )
         vocabularies = label_vocabularies(self.from_labels)
         if vocabularies:
             check_template(self.resolved_template(vocabularies), list(vocabularies))
@@ -203,12 +212,18 @@ class DreamResult:
 # 1-4. dream: img2img of every view, prompts from CLIP, mimesis scores, trajectories.
 
 
-def dream(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams) -> list[DreamResult]:
-    """Dream every view of every panorama; results in input order, a failed panorama in place with ``error``."""
-    return list(dream_iter(engine, dreamer, panoramas, params))
+def dream(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams,
+          progress: Progress | None = None) -> list[DreamResult]:
+    """Dream every view of every panorama; results in input order, a failed panorama in place with ``error``.
+
+    ``progress``, if given, is called with the number of views done, in fractions as denoising steps
+    finish (a failed panorama counts its views at once): its calls add up to panoramas x views.
+    """
+    return list(dream_iter(engine, dreamer, panoramas, params, progress))
 
 
-def dream_iter(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams) -> Iterator[DreamResult]:
+def dream_iter(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams,
+               progress: Progress | None = None) -> Iterator[DreamResult]:
     """Like ``dream``, yielding each panorama's result as soon as its group is done. Parameters are
     checked here, at the call, not at the first result."""
     vocabularies = params.check()
@@ -216,10 +231,14 @@ def dream_iter(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], 
         if engine.vocabularies.get(vocabulary.name) != vocabulary:
             engine.add_vocabulary(vocabulary)
     template = params.resolved_template(vocabularies)
-    return _dream_groups(engine, dreamer, iter(panoramas), params, vocabularies, template)
+    return _dream_groups(engine, dreamer, iter(panoramas), params, vocabularies, template, progress or _no_progress)
 
 
-def _dream_groups(engine, dreamer, panoramas, params, vocabularies, template) -> Iterator[DreamResult]:
+def _no_progress(_done: float) -> None:
+    pass
+
+
+def _dream_groups(engine, dreamer, panoramas, params, vocabularies, template, progress) -> Iterator[DreamResult]:
     views = dreamer.views(engine.views)
     # A group is as many panoramas as fill one diffusion batch with their views (at least one).
     group_size = max(1, params.batch_size // len(views))
@@ -228,13 +247,13 @@ def _dream_groups(engine, dreamer, panoramas, params, vocabularies, template) ->
     for item in panoramas:
         group.append(item)
         if len(group) == group_size:
-            yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width)
+            yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
             group = []
     if group:
-        yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width)
+        yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
 
 
-def _dream_group(engine, dreamer, group, params, vocabularies, template, min_width) -> list[DreamResult]:
+def _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress) -> list[DreamResult]:
     # Decode each panorama once, for CLIP and SD alike; a failure stays with its item (by position).
     decoded, failed = [], {}
     for k, item in enumerate(group):
@@ -253,10 +272,12 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
             else:
                 readings[k] = {key: result.readings[v.name]["views"] for key, v in vocabularies.items()}
         decoded = [entry for entry in decoded if entry[0] not in failed]
+    count = len(engine.views)
+    if failed:
+        progress(len(failed) * count)  # their views will not be dreamt: done, as far as the bar goes
     if not decoded:
         return [_failed(item, failed[k]) for k, item in enumerate(group)]
 
-    count = len(engine.views)
     labels, prompts = [], []
     for k, _, _ in decoded:
         for n in range(count):
@@ -275,6 +296,7 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
         dreamer.img2img(
             flat[i : i + size], prompts=prompts[i : i + size], negative_prompt=params.negative_prompt, strength=params.strength,
             steps=params.steps, guidance=params.guidance, seeds=seeds[i : i + size], every=params.trajectory_every,
+            progress=_scaled(progress, len(prompts[i : i + size])),
         )
         for i in range(0, len(prompts), size)
     ]
@@ -306,6 +328,11 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
             )
         done[k] = DreamResult(id=item.id, dreams=dreams, meta=dict(item.meta))
     return [done[k] if k in done else _failed(item, failed[k]) for k, item in enumerate(group)]
+
+
+def _scaled(progress: Progress, items: int) -> Progress:
+    """A diffusion call's progress (a fraction of the call) counted in the ``items`` it works on."""
+    return lambda fraction: progress(items * fraction)
 
 
 def _failed(item, error: str) -> DreamResult:
@@ -498,8 +525,11 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return out.view_as(a).to(a.dtype)
 
 
-def walk(dreamer: Dreamer, keyframes: Sequence[Keyframe], params: WalkParams) -> WalkResult:
-    """Render every frame from 0 to the last keyframe's; frames between keyframes interpolate both ends."""
+def walk(dreamer: Dreamer, keyframes: Sequence[Keyframe], params: WalkParams, progress: Progress | None = None) -> WalkResult:
+    """Render every frame from 0 to the last keyframe's; frames between keyframes interpolate both ends.
+
+    ``progress``, if given, is called with the number of frames done, in fractions as denoising steps finish.
+    """
     params.check()
     keyframes = check_keyframes(keyframes)
     noise = dreamer.noise([k.seed for k in keyframes])  # (K, C, h, w), one generator per keyframe
@@ -520,7 +550,8 @@ def walk(dreamer: Dreamer, keyframes: Sequence[Keyframe], params: WalkParams) ->
             name: torch.stack([torch.lerp(e[k].float(), e[k + 1].float(), t).to(e.dtype) for k, t in batch])
             for name, e in embeds.items()
         }
-        out = dreamer.txt2img(batch_embeds, latents, steps=params.steps, guidance=params.guidance)
+        out = dreamer.txt2img(batch_embeds, latents, steps=params.steps, guidance=params.guidance,
+                              progress=_scaled(progress or _no_progress, len(batch)))
         frames.extend(to_uint8(image) for image in out.images)
     return WalkResult(keyframes=keyframes, frames=np.stack(frames), positions=positions, params=params)
 
@@ -568,11 +599,13 @@ def fit_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(ImageOps.fit(Image.fromarray(image), (size, size), Image.Resampling.LANCZOS))
 
 
-def loop(engine: Engine, dreamer: Dreamer, images: Sequence[tuple[str, np.ndarray]], params: LoopParams) -> list[LoopResult]:
+def loop(engine: Engine, dreamer: Dreamer, images: Sequence[tuple[str, np.ndarray]], params: LoopParams,
+         progress: Progress | None = None) -> list[LoopResult]:
     """Feed each (id, uint8 image) back through img2img ``iterations`` times, batched across images.
 
     Each iteration's input is the previous output rounded to uint8, exactly the frame that is saved, so
-    any saved frame reproduces the rest of the loop.
+    any saved frame reproduces the rest of the loop. ``progress``, if given, is called with the number
+    of iterations done (of one batch of ``batch_size`` images), in fractions as denoising steps finish.
     """
     params.check()
     results = []
@@ -592,6 +625,7 @@ def loop(engine: Engine, dreamer: Dreamer, images: Sequence[tuple[str, np.ndarra
                 steps=params.steps,
                 guidance=params.guidance,
                 seeds=[seed] * len(chunk),
+                progress=progress,
             )
             current = np.stack([to_uint8(image) for image in out.images])
             frames.append(current)
@@ -767,12 +801,14 @@ def save_loop(results: Sequence[LoopResult], out_dir: str | os.PathLike, *, engi
             _save_png(frame, folder / f"frame_{i:04d}.png")
         video = write_mp4(result.frames, out / f"{stem}.mp4", fps)
         Image.fromarray(contact_sheet(result.frames)).save(out / f"{stem}-contact.png")
-        with open(out / f"{stem}-drift.csv", "w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(["iteration", "seed", "drift", "step_drift", "prompt_cosine"])
-            for i in range(len(result.drift)):
-                seed = result.seeds[i - 1] if i else ""
-                writer.writerow([i, seed, f"{result.drift[i]:.6f}", f"{result.step_drift[i]:.6f}", f"{result.prompt_cosine[i]:.6f}"])
+        # Numbers stay numbers (rounded as before); the prompt is text, escaped if a spreadsheet would run it.
+        rows = [
+            {"iteration": i, "seed": result.seeds[i - 1] if i else None, "prompt": params.prompt if i else None,
+             "drift": round(result.drift[i], 6), "step_drift": round(result.step_drift[i], 6),
+             "prompt_cosine": round(result.prompt_cosine[i], 6)}
+            for i in range(len(result.drift))
+        ]
+        write_csv(out / f"{stem}-drift.csv", rows, DRIFT_COLUMNS)
         record["images"].append({
             "id": result.id, "source": sources[k] if sources else None, "seeds": result.seeds, "drift": result.drift,
             "step_drift": result.step_drift, "prompt_cosine": result.prompt_cosine,

@@ -5,8 +5,9 @@
     mimetic loop IMAGE [IMAGE ...] --iterations 100 --strength 0.3 --out DIR
 
 ``engine.cli`` wires them in with ``add_parsers(commands)`` and ``run(args)``. Parameters are checked
-before any model loads (exit status 2 and the reason on stderr); an input that fails is reported with
-its name and the others go on (exit status 1).
+before any model loads, and a bad one raises ``ValueError``: ``engine.cli.main`` prints it as one line
+with exit status 2. An input that fails is reported with its name and the others go on (exit status 1).
+Progress (a bar per view, frame or iteration, with an ETA) goes to stderr; ``--quiet`` turns it off.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def add_parsers(commands) -> None:
     dream.add_argument("--trajectory-every", type=int, default=None, metavar="K", help="also keep the predicted clean image of every K-th step, with its CLIP drift")
     _add_generation_arguments(dream)
     dream.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    add_engine_arguments(dream)
+    add_engine_arguments(dream, exclude=("seed",))  # one --seed: the generators' and the random weights'
     _add_model_arguments(dream)
 
     walk = commands.add_parser(
@@ -62,7 +63,7 @@ def add_parsers(commands) -> None:
     walk.add_argument("--negative-prompt", default=None)
     walk.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default 12)")
     walk.add_argument("--frames", type=Path, default=None, metavar="DIR", help="also write every frame as a PNG here")
-    add_engine_arguments(walk)
+    add_engine_arguments(walk, only=("device", "attention", "compile"))  # a walk runs no CLIP: no CLIP flags
     _add_model_arguments(walk)
 
     loop = commands.add_parser(
@@ -82,25 +83,23 @@ def add_parsers(commands) -> None:
     loop.add_argument("--fps", type=int, default=12, help="frames per second of the MP4 (default 12)")
     _add_generation_arguments(loop)
     loop.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    add_engine_arguments(loop)
+    add_engine_arguments(loop, exclude=("seed",))
     _add_model_arguments(loop)
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 turns it off)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default none)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed, and the seed of --random-weights' initialisation (default 0)")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--size, plus --sd-model and --sd-batch-size where the engine's flags (EngineConfig) have not added them."""
+    """The Stable Diffusion model's own flags, which only dream, walk and loop have, and --quiet."""
     group = parser.add_argument_group("stable diffusion")
-    present = {option for action in parser._actions for option in action.option_strings}
-    if "--sd-model" not in present:
-        group.add_argument("--sd-model", default=None, metavar="DIR", help="a local diffusers folder (model_index.json, unet/, vae/, ...)")
-    if "--sd-batch-size" not in present:
-        group.add_argument("--sd-batch-size", type=int, default=8, help="images per diffusion call (default 8)")
+    group.add_argument("--sd-model", default=None, metavar="DIR", help="a local diffusers folder (model_index.json, unet/, vae/, ...)")
+    group.add_argument("--sd-batch-size", type=int, default=8, help="images per diffusion call (default 8)")
     group.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of 8 (default: the model's own, 512 for SD 1.5)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
 def make_tiny_sd(directory: str | Path) -> Path:
@@ -116,11 +115,17 @@ def run(args: argparse.Namespace) -> int | None:
     """Run ``args.command`` if it is one of ours; None otherwise."""
     if args.command not in COMMANDS:
         return None
-    try:
-        return {"dream": _dream, "walk": _walk, "loop": _loop}[args.command](args)
-    except ValueError as exc:  # bad parameters, keyframes, vocabularies or model folder: no traceback
-        print(f"mimetic {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return {"dream": _dream, "walk": _walk, "loop": _loop}[args.command](args)  # errors: engine.cli.main
+
+
+def _progress(args, total: float, unit: str):
+    """A tqdm bar on stderr counting ``unit``s, advanced in fractions as denoising steps finish; off with --quiet."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit=unit, desc=args.command, file=sys.stderr, disable=args.quiet, dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} " + unit + "s [{elapsed}<{remaining}, {rate_fmt}]",
+    )
 
 
 def _dreamer(args, config):
@@ -134,6 +139,8 @@ def _dreamer(args, config):
 
 
 def _dream(args) -> int:
+    from tqdm import tqdm
+
     from engine.cli import config_from_args
     from engine.dream import DreamParams, dream_iter, save_dreams
     from engine.pipeline import Engine, Panorama
@@ -150,13 +157,15 @@ def _dream(args) -> int:
     engine = Engine(config)
     start = time.perf_counter()
     results = []
-    for result in dream_iter(engine, dreamer, [Panorama(id=path, data=path) for path in args.panos], params):
-        if result.error:
-            print(f"mimetic dream: error: {result.error}", file=sys.stderr)
-        else:
-            mean = sum(d.scores["view_dream"] for d in result.dreams) / len(result.dreams)
-            print(f"{result.id}: {len(result.dreams)} dreams, mean view<->dream cosine {mean:.3f}; first prompt: {result.dreams[0].prompt!r}")
-        results.append(result)
+    with _progress(args, len(args.panos) * len(engine.views), "view") as bar:
+        panoramas = [Panorama(id=path, data=path) for path in args.panos]
+        for result in dream_iter(engine, dreamer, panoramas, params, progress=bar.update):
+            if result.error:
+                tqdm.write(result.error, file=sys.stderr)  # the error names its panorama
+            else:
+                mean = sum(d.scores["view_dream"] for d in result.dreams) / len(result.dreams)
+                tqdm.write(f"{result.id}: {len(result.dreams)} dreams, mean view<->dream cosine {mean:.3f}; first prompt: {result.dreams[0].prompt!r}")
+            results.append(result)
     record = save_dreams(results, args.out, engine=engine, dreamer=dreamer, params=params, seconds=time.perf_counter() - start)
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)} of {len(results)} panoramas dreamt -> {record}")
@@ -178,7 +187,8 @@ def _walk(args) -> int:
         raise ValueError(f"{args.keyframes}: {exc}") from None
     dreamer = _dreamer(args, config_from_args(args))
     start = time.perf_counter()
-    result = walk(dreamer, keyframes, params)
+    with _progress(args, keyframes[-1].frame + 1, "frame") as bar:
+        result = walk(dreamer, keyframes, params, progress=bar.update)
     written = save_walk(result, args.out, dreamer=dreamer, frames_dir=args.frames, seconds=time.perf_counter() - start)
     print(f"{len(result.frames)} frames -> {written['video']} ({written['contact_sheet'].name}, {written['record'].name})")
     return 0
@@ -196,19 +206,22 @@ def _loop(args) -> int:
     )
     params.check()
     if args.fps < 1:
-        raise ValueError(f"fps must be an integer >= 1, got {args.fps}")
+        raise ValueError(f"--fps must be an integer >= 1, got {args.fps}")
     config = config_from_args(args)
     images, failed = [], []
     for path in args.images:
         try:
             images.append((path, decode_image(path, max_pixels=config.max_pixels)))
         except DecodeError as exc:
-            print(f"mimetic loop: error: {exc}", file=sys.stderr)
+            print(exc, file=sys.stderr)  # the error names its image
             failed.append({"source": path, "error": exc.reason})
     dreamer = _dreamer(args, config)
     engine = Engine(config)
     start = time.perf_counter()
-    results = loop(engine, dreamer, images, params) if images else []
+    # Images are looped batch_size at a time, each batch through every iteration.
+    total = params.iterations * -(-len(images) // params.batch_size)
+    with _progress(args, total, "iteration") as bar:
+        results = loop(engine, dreamer, images, params, progress=bar.update) if images else []
     record = save_loop(results, args.out, engine=engine, dreamer=dreamer, params=params, fps=args.fps,
                        sources=[path for path, _ in images], failed=failed, seconds=time.perf_counter() - start)
     for result in results:

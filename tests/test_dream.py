@@ -1,6 +1,5 @@
 """Machine dreams on the tiny Stable Diffusion and tiny CLIP: seeds, trajectories, walks, loops, prompts, errors, CLI."""
 
-import argparse
 import csv
 import json
 import logging
@@ -12,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import Engine, EngineConfig, Panorama, cli, dream_cli
+from engine import Engine, EngineConfig, Panorama, cli
 from engine.dream import (
     DreamParams,
     Keyframe,
     LoopParams,
+    LoopResult,
     WalkParams,
     check_keyframes,
     clip_embed,
@@ -26,6 +26,7 @@ from engine.dream import (
     from_uint8,
     loop,
     save_dreams,
+    save_loop,
     save_walk,
     slerp,
     text_embed,
@@ -304,6 +305,14 @@ def test_steps_below_one_are_refused(steps, dreamer, views):
         run(dreamer, views[:1], ["x"], [0], steps=steps)
 
 
+@pytest.mark.parametrize(("steps", "strength", "every"), [(4, 0.5, 3), (30, 0.5, 16), (8, 1.0, 9)])
+def test_a_trajectory_that_would_record_no_step_is_refused(steps, strength, every):
+    runs = int(steps * strength)
+    with pytest.raises(ValueError, match=rf"--trajectory-every\) is {every}, more than the {runs} denoising steps"):
+        DreamParams(prompt="x", steps=steps, strength=strength, trajectory_every=every).check()
+    DreamParams(prompt="x", steps=steps, strength=strength, trajectory_every=runs).check()  # the last step: one frame
+
+
 def test_too_few_steps_for_the_strength_is_refused():
     with pytest.raises(ValueError, match="at least one denoising step"):
         DreamParams(prompt="x", steps=3, strength=0.3).check()
@@ -372,12 +381,8 @@ def test_xformers_path_is_taken_on_cuda(models):
 
 
 def mimetic(*argv: str) -> int:
-    """Parse with the real ``mimetic`` parser and run our commands in-process (as engine.cli.main will)."""
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "dream" not in commands.choices:  # until engine/cli.py wires these commands in
-        dream_cli.add_parsers(commands)
-    return dream_cli.run(parser.parse_args(list(argv)))
+    """Run ``mimetic ARGV`` in-process, through ``engine.cli.main`` and its one error handler."""
+    return cli.main(list(argv))
 
 
 def test_cli_dream_writes_images_and_the_record(models, small, tmp_path, capsys):
@@ -389,6 +394,8 @@ def test_cli_dream_writes_images_and_the_record(models, small, tmp_path, capsys)
                      "--sd-model", models["sd"], "--clip-model", models["clip"], "--views", "ring4")
     captured = capsys.readouterr()
     assert status == 1 and "broken.jpg" in captured.err
+    [line] = [line for line in captured.err.splitlines() if "broken.jpg" in line]
+    assert line.count("broken.jpg") == 1  # the error names its panorama once
     record = json.loads((out / "dreams.json").read_text())
     good, bad = record["panoramas"]
     assert bad["error"] and not bad["dreams"] and good["error"] is None
@@ -429,6 +436,58 @@ def test_cli_loop_writes_frames_video_and_drift_curve(models, small, tmp_path, c
     assert [math.isclose(float(r["drift"]), d, abs_tol=1e-5) for r, d in zip(rows, entry["drift"], strict=True)] == [True] * 4
 
 
+def test_cli_loop_shows_a_progress_bar_on_stderr_and_quiet_hides_it(models, small, tmp_path):
+    """As a user runs it, in a subprocess (stderr is then not a terminal, and tqdm still draws)."""
+    from .test_cli import mimetic as run_mimetic
+
+    Image.fromarray(small["louvre"][64:192, 0:128]).save(tmp_path / "view.png")
+    argv = ["loop", str(tmp_path / "view.png"), "--iterations", "2", "--strength", "0.5", "--steps", "4",
+            "--sd-model", models["sd"], "--clip-model", models["clip"]]
+    shown = run_mimetic(*argv, "--out", str(tmp_path / "a"))
+    assert shown.returncode == 0, shown.stderr
+    frames = shown.stderr.replace("\r", "\n").splitlines()
+    assert any(line.startswith("loop:") and "2.0/2 iterations" in line and "100%" in line for line in frames), shown.stderr
+    assert any("<" in line and "iteration" in line for line in frames)  # elapsed<remaining: the ETA
+    quiet = run_mimetic(*argv, "--out", str(tmp_path / "b"), "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "iterations [" not in quiet.stderr and "%|" not in quiet.stderr
+
+
+def test_cli_dream_and_walk_progress_count_views_and_frames(models, small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # draw every update, however fast the tiny model is
+    Image.fromarray(small["louvre"]).save(tmp_path / "louvre.jpg")
+    status = mimetic("dream", str(tmp_path / "louvre.jpg"), "--prompt", "a street", "--steps", "4", "--strength", "0.5",
+                     "--sd-batch-size", "2", "--out", str(tmp_path / "d"), "--sd-model", models["sd"],
+                     "--clip-model", models["clip"], "--views", "ring4")
+    err = capsys.readouterr().err
+    assert status == 0, err
+    # Four views in two batches of two, two denoising steps each: the bar moves a view per step.
+    steps = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("dream:")]
+    assert [line.split("|")[-1].split()[0] for line in steps[:5]] == ["0.0/4", "1.0/4", "2.0/4", "3.0/4", "4.0/4"], err
+    assert "4.0/4 views" in steps[-1] and "<00:00" in steps[-1]
+    (tmp_path / "walk.yaml").write_text("steps: 2\nkeyframes:\n  - {frame: 0, prompt: a, seed: 1}\n  - {frame: 2, prompt: b, seed: 2}\n")
+    status = mimetic("walk", "--keyframes", str(tmp_path / "walk.yaml"), "--out", str(tmp_path / "w.mp4"), "--sd-model", models["sd"])
+    err = capsys.readouterr().err
+    assert status == 0 and "3.0/3 frames" in err, err
+    status = mimetic("walk", "--keyframes", str(tmp_path / "walk.yaml"), "--out", str(tmp_path / "w2.mp4"), "--sd-model", models["sd"], "--quiet")
+    err = capsys.readouterr().err
+    assert status == 0 and "frames [" not in err, err
+
+
+def test_the_drift_csv_escapes_formula_text_and_keeps_numbers(engine, dreamer, tmp_path):
+    """A prompt a spreadsheet would run (OWASP's CSV injection) is escaped; drift values stay numbers, even negative."""
+    frames = np.zeros((3, 64, 64, 3), np.uint8)
+    prompt = '=HYPERLINK("http://x","y")'
+    result = LoopResult(id="view", frames=frames, drift=[0.0, 0.25, -0.125], step_drift=[0.0, 0.25, 0.5],
+                        prompt_cosine=[-0.5, 0.1, 0.2], seeds=[4, 5])
+    save_loop([result], tmp_path, engine=engine, dreamer=dreamer, params=LoopParams(iterations=2, prompt=prompt))
+    text = (tmp_path / "view-drift.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [r["prompt"] for r in rows] == ["", "'" + prompt, "'" + prompt]
+    assert [float(r["drift"]) for r in rows] == [0.0, 0.25, -0.125] and rows[0]["prompt_cosine"] == "-0.5"
+    assert [r["seed"] for r in rows] == ["", "4", "5"] and "'-" not in text
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -438,6 +497,8 @@ def test_cli_loop_writes_frames_video_and_drift_curve(models, small, tmp_path, c
         (["dream", "p.jpg", "--prompt", "x", "--size", "100", "--out", "o"], "multiple of 8"),
         (["loop", "i.png", "--iterations", "0", "--out", "o"], "iterations"),
         (["dream", "p.jpg", "--prompt", "x", "--out", "o", "--sd-model", "/nonexistent/sd"], "not found: /nonexistent/sd"),
+        (["dream", "p.jpg", "--prompt", "x", "--steps", "4", "--strength", "0.5", "--trajectory-every", "3", "--out", "o"],
+         "--trajectory-every) is 3, more than the 2 denoising steps"),
     ],
 )
 def test_cli_bad_parameters_exit_2_before_any_work(argv, message, tmp_path, capsys, monkeypatch):

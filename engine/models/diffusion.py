@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,10 +303,13 @@ class Dreamer:
         guidance: float,
         seeds: Sequence[int],
         every: int | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> DiffusionOutput:
         """img2img of (B, 3, S, S) images in [-1, 1] with one prompt (or one row of ``embeds``) and one seed each.
 
         ``every=k`` also returns the predicted clean image of every k-th denoising step, decoded.
+        ``progress``, if given, is called after each denoising step with the fraction of this call it
+        completes (1 / steps run), for a progress bar.
         """
         strength, steps, guidance = check_strength(strength), check_steps(steps), check_guidance(guidance)
         steps_run = img2img_steps(steps, strength)
@@ -318,6 +321,7 @@ class Dreamer:
             self.pipe_img2img,
             every,
             steps_run,
+            progress,
             image=self.encode(images),  # 4-channel input: the pipelines take it as the initial latents
             strength=strength,
             num_inference_steps=steps,
@@ -327,14 +331,17 @@ class Dreamer:
         )
 
     def txt2img(
-        self, embeds: dict[str, torch.Tensor], latents: torch.Tensor, *, steps: int, guidance: float, every: int | None = None
+        self, embeds: dict[str, torch.Tensor], latents: torch.Tensor, *, steps: int, guidance: float, every: int | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> DiffusionOutput:
-        """text2img from given prompt embeddings and start noise ((B, C, S/8, S/8), unit Gaussian)."""
+        """text2img from given prompt embeddings and start noise ((B, C, S/8, S/8), unit Gaussian); ``every``
+        and ``progress`` as for ``img2img``."""
         steps, guidance = check_steps(steps), check_guidance(guidance)
         return self._run(
             self.pipe_txt2img,
             every,
             steps,
+            progress,
             latents=latents.to(self.device, self.dtype),
             num_inference_steps=steps,
             guidance_scale=guidance,
@@ -343,16 +350,19 @@ class Dreamer:
             **embeds,
         )
 
-    def _run(self, pipe, every: int | None, steps_run: int, **kwargs) -> DiffusionOutput:
+    def _run(self, pipe, every: int | None, steps_run: int, progress, **kwargs) -> DiffusionOutput:
         trajectory: list[tuple[int, torch.Tensor]] = []
         recorder = None
         if every is not None:
             check_steps(every, "trajectory step (every)")
             recorder = _CleanImageRecorder(self.scheduler)
+        if every is not None or progress is not None:
 
             def on_step_end(_pipe, index: int, _timestep, _tensors) -> dict:
-                if (index + 1) % every == 0:
+                if recorder is not None and (index + 1) % every == 0:
                     trajectory.append((index + 1, self.decode(recorder.last)))
+                if progress is not None:
+                    progress(1 / steps_run)
                 return {}
 
             kwargs["callback_on_step_end"] = on_step_end
