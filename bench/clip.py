@@ -13,9 +13,9 @@ several yaws so no two inputs are identical):
 
 ViT-B-32 has random weights (the throughput is the architecture's; nothing here needs trained
 weights). Reported: views/s for each, the engine's fraction of model-only throughput (target
->= 0.9) and its speed-up over the naive pipeline. JSON goes to ``bench/results/``.
+>= 0.9) and its speed-up over the naive pipeline. JSON goes to ``bench/runs/`` (or ``--out``).
 
-    python -m bench.clip [--quick] [--panoramas N] [--batch-size B] [--out PATH]
+    python -m bench.clip [--quick] [--panoramas N] [--batch-size B] [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._results import versions, write_result
+from bench._results import OUT_HELP, versions, write_result
 from bench.reproject import cpu_model
 from engine import Engine, EngineConfig, Panorama
 from kernels.geometry import py360convert_fov
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--panoramas", type=int, default=None, help="panoramas per pass (default 8 on CPU, 256 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=None, help="views per model call (default 64 on CPU, 1024 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     parser.add_argument("--pano", type=Path, default=DEFAULT_PANO)
     args = parser.parse_args(argv)
 

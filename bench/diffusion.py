@@ -18,7 +18,7 @@ What this measures, side by side in one run:
   stable-fast, about 105 it/s for SD 1.5 at 512x512, batch 1, on an H100 (its README; not re-measured
   here).
 
-    python -m bench.diffusion [--quick] [--batch B] [--steps N] [--repeats R] [--out PATH]
+    python -m bench.diffusion [--quick] [--batch B] [--steps N] [--repeats R] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench._results import versions, write_result
+from bench._results import OUT_HELP, versions, write_result
 from bench.reproject import cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cuda-steps", type=int, default=50, help="denoising steps of the CUDA loop (default 50)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-unet", action="store_true", help="skip the SD-1.5 UNet on the CPU (it needs ~4 GB)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     args = parser.parse_args(argv)
     batch = args.batch or (4 if args.quick else 8)
     steps = args.steps or (8 if args.quick else 20)

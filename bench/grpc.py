@@ -17,7 +17,7 @@ p50 and p99 are reported (with few items, p99 is close to the maximum; the count
 in-process Engine is fed the same schedule through ``embed_iter``, which waits to fill a group
 before it runs one; the server's batcher waits at most ``--max-delay-ms``.
 
-    python -m bench.grpc [--quick] [--panoramas N] [--load 0.5] [--out PATH]
+    python -m bench.grpc [--quick] [--panoramas N] [--load 0.5] [--out DIR]
 
 (Run it as a module: ``python bench/grpc.py`` would put bench/ first on sys.path, and this file
 would hide the grpc package.)
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench._results import versions, write_result
+from bench._results import OUT_HELP, versions, write_result
 from bench.clip import DEFAULT_PANO, jpeg_panoramas
 from bench.reproject import cpu_model
 from engine import Engine, EngineConfig, Panorama
@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--max-in-flight", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     parser.add_argument("--pano", type=Path, default=DEFAULT_PANO)
     args = parser.parse_args(argv)
 

@@ -17,9 +17,9 @@ spaced yaws, 4096x2048 JPEG files in a folder) and with the same loaded model:
 All three are sampled round-robin, after a warm-up pass each, and the median pass is reported, as panoramas/s, views/s
 and a ratio to in-process. Target: local ingest >= 0.9x in-process. ViT-B-32 with random weights
 (the throughput is the architecture's; nothing here needs trained weights). JSON goes to
-``bench/results/``.
+``bench/runs/`` (or ``--out``).
 
-    python -m bench.ingest [--quick] [--panoramas N] [--shards S] [--no-ray] [--out PATH]
+    python -m bench.ingest [--quick] [--panoramas N] [--shards S] [--no-ray] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench._results import versions, write_result
+from bench._results import OUT_HELP, versions, write_result
 from bench.clip import DEFAULT_PANO, jpeg_panoramas
 from bench.reproject import cpu_model
 from engine import EngineConfig, Panorama
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="views per model call (default 64 on CPU, 1024 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     parser.add_argument("--pano", type=Path, default=DEFAULT_PANO)
     args = parser.parse_args(argv)
 

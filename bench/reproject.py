@@ -22,7 +22,7 @@ On CUDA it also times the Triton kernel, grid_sample and equilib's torch backend
 eight panoramas with CUDA events, and reports the bandwidth achieved against the bytes a kernel
 cannot avoid moving: the panorama rows under the views read once plus every output written once.
 
-    python -m bench.reproject [--quick] [--repeats N] [--out PATH]
+    python -m bench.reproject [--quick] [--repeats N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._results import versions, write_result
+from bench._results import OUT_HELP, versions, write_result
 from kernels import ViewSpec, reproject
 from kernels.geometry import py360convert_fov, view_params
 from kernels.grid_sample import project_views
@@ -323,9 +323,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats (3)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 11, quick 3)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="JSON path (default bench/results/reproject-<device>-<date>.json)"
-    )
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     parser.add_argument("--pano", type=Path, default=DEFAULT_PANO, help="equirectangular source image")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 11)
