@@ -147,6 +147,7 @@ class Engine:
             device=config.device,
             attention=config.attention,
             compile=config.compile,
+            seed=config.seed,
         )
         self.device = self.clip.device
         height, width = self.clip.image_size
@@ -460,6 +461,8 @@ class Engine:
             "vocabularies": {
                 name: {"template": v.template, "labels": len(v.labels)} for name, v in self.vocabularies.items()
             },
+            "seed": self.config.seed if self.config.random_weights else None,  # of the untrained weights
+            "decode_budget_mib": self.config.max_decode_mib,
             "batch_size": self.config.batch_size,
             "top_k": self.config.top_k,
             "versions": versions,

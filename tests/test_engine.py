@@ -1,6 +1,7 @@
 """The Engine end to end on the tiny open_clip model: shapes, invariances, readings, per-item errors."""
 
 import io
+import logging
 import math
 
 import numpy as np
@@ -136,10 +137,17 @@ def test_info_is_complete(engine):
     assert info["batch_size"] == 16
 
 
-def test_random_weights_are_loud(small_louvre):
-    with pytest.warns(RuntimeWarning, match="(?i)random"):
+def test_random_weights_are_loud_and_seeded(small_louvre, tiny_clip, caplog):
+    with caplog.at_level(logging.WARNING):
         loud = Engine(EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=("urban",)))
-    assert "RANDOM" in loud.info()["clip"]["weights"]
+    assert any("RANDOM" in record.getMessage() for record in caplog.records)
+    assert "RANDOM" in loud.info()["clip"]["weights"] and loud.info()["seed"] == 0
+    image = [Panorama(id="p", data=jpeg(small_louvre))]
+    again = Engine(EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=("urban",)))
+    other = Engine(EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=("urban",), seed=1))
+    first, second, third = (e.embed(image)[0].embeddings for e in (loud, again, other))
+    assert torch.equal(first, second)  # one seed, one model: a demo run is reproducible
+    assert not torch.allclose(first, third, atol=1e-3)
 
 
 def test_group_decoding_path_keeps_order_and_per_item_errors(tiny_clip, small_louvre, panoramas_dir):
