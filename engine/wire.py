@@ -120,6 +120,8 @@ def info_to_proto(info: dict, *, limits: pb.Limits, dream: bool, view_presets, v
         limits=limits,
         dream=dream,
         view_presets=list(view_presets),
+        seed=info.get("seed"),
+        decode_budget_mib=info.get("decode_budget_mib", 0),
     )
 
 
@@ -141,6 +143,8 @@ def info_from_proto(message: pb.Info) -> dict:
         },
         "views": [asdict(view_from_proto(view)) for view in message.views],
         "vocabularies": {v.name: {"template": v.template, "labels": len(v.labels)} for v in message.vocabularies},
+        "seed": message.seed if message.HasField("seed") else None,
+        "decode_budget_mib": message.decode_budget_mib,
         "batch_size": message.batch_size,
         "top_k": message.top_k,
         "versions": {package: version or None for package, version in message.versions.items()},

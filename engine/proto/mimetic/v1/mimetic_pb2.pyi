@@ -340,7 +340,7 @@ class VocabularyInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_in_flight", "max_queue", "max_batch_views", "max_delay_ms", "max_message_bytes", "max_pixels", "max_views", "max_thumbnail_size", "max_streams")
+    __slots__ = ("max_in_flight", "max_queue", "max_batch_views", "max_delay_ms", "max_message_bytes", "max_pixels", "max_views", "max_thumbnail_size", "max_streams", "max_decode_bytes", "idle_timeout_s")
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_VIEWS_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +350,8 @@ class Limits(_message.Message):
     MAX_VIEWS_FIELD_NUMBER: _ClassVar[int]
     MAX_THUMBNAIL_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DECODE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     max_in_flight: int
     max_queue: int
     max_batch_views: int
@@ -359,10 +361,12 @@ class Limits(_message.Message):
     max_views: int
     max_thumbnail_size: int
     max_streams: int
-    def __init__(self, max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch_views: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_views: _Optional[int] = ..., max_thumbnail_size: _Optional[int] = ..., max_streams: _Optional[int] = ...) -> None: ...
+    max_decode_bytes: int
+    idle_timeout_s: float
+    def __init__(self, max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch_views: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_views: _Optional[int] = ..., max_thumbnail_size: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_decode_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
 
 class Info(_message.Message):
-    __slots__ = ("clip", "device", "dtype", "attention", "reprojection", "views", "vocabularies", "batch_size", "top_k", "versions", "limits", "dream", "view_presets")
+    __slots__ = ("clip", "device", "dtype", "attention", "reprojection", "views", "vocabularies", "batch_size", "top_k", "versions", "limits", "dream", "view_presets", "seed", "decode_budget_mib")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -383,6 +387,8 @@ class Info(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DREAM_FIELD_NUMBER: _ClassVar[int]
     VIEW_PRESETS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     clip: ClipInfo
     device: str
     dtype: str
@@ -396,4 +402,6 @@ class Info(_message.Message):
     limits: Limits
     dream: bool
     view_presets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., reprojection: _Optional[_Union[ReprojectionInfo, _Mapping]] = ..., views: _Optional[_Iterable[_Union[View, _Mapping]]] = ..., vocabularies: _Optional[_Iterable[_Union[VocabularyInfo, _Mapping]]] = ..., batch_size: _Optional[int] = ..., top_k: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dream: _Optional[bool] = ..., view_presets: _Optional[_Iterable[str]] = ...) -> None: ...
+    seed: int
+    decode_budget_mib: int
+    def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., reprojection: _Optional[_Union[ReprojectionInfo, _Mapping]] = ..., views: _Optional[_Iterable[_Union[View, _Mapping]]] = ..., vocabularies: _Optional[_Iterable[_Union[VocabularyInfo, _Mapping]]] = ..., batch_size: _Optional[int] = ..., top_k: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dream: _Optional[bool] = ..., view_presets: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., decode_budget_mib: _Optional[int] = ...) -> None: ...
