@@ -1,10 +1,10 @@
 """Dynamic batching across callers, deadline-aware: items from every stream -> one Engine, in batches.
 
     batcher = Batcher(loop, max_batch=256, max_delay_s=0.005, max_queue=512, metrics=metrics,
-                      on_result=on_result, on_error=on_error)
+                      on_result=on_result, on_error=on_error, on_drop=on_drop)
     await batcher.put(item)      # on the event loop; waits while max_queue items are queued
     batcher.flush_now()          # draining: no more waiting for company
-    batcher.close()              # after the last item: the worker thread ends
+    batcher.close()              # after the last item: the worker thread ends (not waited for)
 
 A single worker thread owns the Engine. It takes the next batch only when the Engine is free, so
 under load a batch fills at once from what queued meanwhile (up to ``max_batch`` views), and when idle
@@ -15,9 +15,14 @@ An item (``engine.server.Item``) has ``engine`` (the Engine, or a copy of it wit
 engine call per distinct one in a batch), ``panorama``, ``views`` (its view count), ``deadline``
 (time.monotonic(), or None), ``finished`` (its stream went away), ``queued_at``, ``read_at`` and
 ``item_id``. Items that are finished, or whose deadline has passed, are dropped before the model, the
-latter answered through ``on_error(item, DEADLINE_EXCEEDED, message)``. Results go back one by one as
-the Engine yields them, through ``on_result(item, result, stats, done_at)`` on the event loop.
+latter answered through ``on_error(item, DEADLINE_EXCEEDED, message)``, the former handed to
+``on_drop(item)`` in the worker thread (so that what the item holds is given back). Results go back one
+by one as the Engine yields them, through ``on_result(item, result, stats, done_at)`` on the event loop.
 ``metrics`` needs ``batch(items, views)``, ``embedded(views)`` and a ``queue_depth`` gauge.
+
+The worker thread is a daemon and ``close`` does not wait for it: a batch still in the Engine when the
+server stops must not hold the process past its grace period. What it yields after the event loop has
+closed is dropped.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ _WAKE = object()  # ends a wait for company at once (draining)
 class Batcher:
     """Items from every stream -> engine calls of at most ``max_batch`` views, in one worker thread (see above)."""
 
-    def __init__(self, loop, *, max_batch: int, max_delay_s: float, max_queue: int, metrics, on_result, on_error):
+    def __init__(self, loop, *, max_batch: int, max_delay_s: float, max_queue: int, metrics, on_result, on_error, on_drop=None):
         self.loop = loop
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -48,6 +53,7 @@ class Batcher:
         self._metrics = metrics
         self._on_result = on_result
         self._on_error = on_error
+        self._on_drop = on_drop
         self._thread = threading.Thread(target=self._work, name="mimetic-engine", daemon=True)
         self._thread.start()
 
@@ -62,11 +68,19 @@ class Batcher:
         self.flush.set()
         self._queue.put(_WAKE)
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self, timeout: float = 0.0) -> None:
+        """The worker ends after what is queued (finished items are only dropped); wait ``timeout`` s for it at most."""
         self._queue.put(_STOP)
-        self._thread.join(timeout)
+        if timeout:
+            self._thread.join(timeout)
 
     # -- the worker thread --
+
+    def _to_loop(self, callback, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: the server has stopped and nobody waits for this
+            pass
 
     def _next(self, timeout: float | None):
         try:
@@ -77,7 +91,7 @@ class Batcher:
             return None
         if item is not _STOP:
             self._metrics.queue_depth.dec()
-            self.loop.call_soon_threadsafe(self.capacity.release)
+            self._to_loop(self.capacity.release)
         return item
 
     def _collect(self) -> list:
@@ -110,9 +124,11 @@ class Batcher:
     def _live(self, item) -> bool:
         """False for an item to drop before the model: its stream went away, or its deadline passed (answered so)."""
         if item.finished:
+            if self._on_drop is not None:
+                self._on_drop(item)
             return False
         if item.deadline is not None and time.monotonic() > item.deadline:
-            self.loop.call_soon_threadsafe(
+            self._to_loop(
                 self._on_error, item, code_pb2.DEADLINE_EXCEEDED,
                 f"{item.item_id}: its deadline passed after {1e3 * (time.monotonic() - item.read_at):.0f} ms "
                 "while queued; it was dropped before the model",
@@ -146,9 +162,10 @@ class Batcher:
                     done += 1
                     if result.error is None:
                         self._metrics.embedded(item.views)
-                    self.loop.call_soon_threadsafe(self._on_result, item, result, stats, time.monotonic())
+                    self._to_loop(self._on_result, item, result, stats, time.monotonic())
             except Exception as exc:  # the engine failed on the batch: its items fail, the server goes on
                 for item in items[done:]:
-                    self.loop.call_soon_threadsafe(
-                        self._on_error, item, code_pb2.INTERNAL, f"{item.item_id}: the engine failed on its batch ({exc!r})"
+                    self._to_loop(
+                        self._on_error, item, code_pb2.INTERNAL,
+                        f"{item.item_id}: the engine failed on its batch ({type(exc).__name__}: {exc})",
                     )

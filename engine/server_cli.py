@@ -1,13 +1,18 @@
 """``mimetic serve`` and ``mimetic call``: the gRPC service's commands.
 
     mimetic serve [engine flags] [--host 127.0.0.1] [--port 50051] [--metrics-port N] [--max-batch VIEWS]
-                  [--max-delay-ms MS] [--token TOKEN] [--tls-cert PEM --tls-key PEM] ...
-    mimetic call embed ADDRESS FILE [FILE ...] [--out FILE.parquet] [--views PRESET] [--token TOKEN] [--tls CA.pem]
+                  [--max-delay-ms MS] [--max-streams N] [--idle-timeout S] [--grace S]
+                  [--token-file PATH] [--tls-cert PEM --tls-key PEM] ...
+    mimetic call embed ADDRESS FILE [FILE ...] [--out FILE.parquet] [--views PRESET] [--token-file PATH] [--tls CA.pem]
     mimetic call info ADDRESS
 
 ``add_parsers(commands)`` adds them to the ``mimetic`` command's subparsers and ``run(args)`` runs
 them (None for another command). ``python -m engine.server_cli serve ...`` runs them standalone.
-The token defaults to ``$MIMETIC_TOKEN``, which keeps it out of the process list.
+
+The bearer token, for both: ``--token-file PATH`` (its first line, stripped) or ``--token TOKEN``
+(not both), else ``$MIMETIC_TOKEN``; none of them: no authentication. ``--token`` is visible to
+every user of the machine in ``ps``: prefer the file or the variable. An empty or unreadable token
+file is an error, not "no token". The decoded-bytes budget is the engine flag ``--max-decode-mib``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,38 @@ from pathlib import Path
 
 from engine.cli import add_engine_arguments, config_from_args, positive_int
 
-TOKEN_HELP = "bearer token (default: $MIMETIC_TOKEN; none: no authentication)"
+TOKEN_ENV = "MIMETIC_TOKEN"
+TOKEN_HELP = (
+    f"bearer token on the command line, where `ps` shows it to every user: prefer --token-file or ${TOKEN_ENV} "
+    "(default: none, no authentication)"
+)
+TOKEN_FILE_HELP = f"read the bearer token from the first line of this file (overrides ${TOKEN_ENV}, which is read when neither flag is given)"
+
+
+def token_from_args(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token or the first line of --token-file, else $MIMETIC_TOKEN, else None.
+
+    An unreadable or empty token file is a ValueError naming it (a typo must not turn authentication off).
+    """
+    if args.token is not None:
+        return args.token
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as stream:
+                token = stream.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(f"--token-file {args.token_file}: cannot read the token ({reason})") from None
+        if not token:
+            raise ValueError(f"--token-file {args.token_file}: its first line is empty; write the token there")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _add_token_arguments(parser) -> None:
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("--token-file", type=Path, default=None, metavar="PATH", help=TOKEN_FILE_HELP)
+    given.add_argument("--token", default=None, help=TOKEN_HELP)
 
 
 def _non_negative_float(text: str) -> float:
@@ -30,6 +66,13 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -67,12 +110,17 @@ def add_parsers(commands) -> None:
                        help=f"requests per stream read ahead of the responses written (default {defaults.max_in_flight})")
     group.add_argument("--max-queue", type=positive_int, default=defaults.max_queue,
                        help=f"items waiting for a batch, over every stream (default {defaults.max_queue})")
-    group.add_argument("--max-streams", type=positive_int, default=defaults.max_streams, help=f"concurrent calls (default {defaults.max_streams})")
+    group.add_argument("--max-streams", type=positive_int, default=defaults.max_streams,
+                       help=f"Embed and Dream streams open at once; more are refused (default {defaults.max_streams}; health "
+                       "checks and reflection are not counted)")
+    group.add_argument("--idle-timeout", type=_positive_float, default=defaults.idle_timeout_s, metavar="S",
+                       help=f"end a stream that has nothing in flight and sends nothing for S seconds (default {defaults.idle_timeout_s:g})")
     group.add_argument("--max-message-mb", type=positive_int, default=defaults.max_message_bytes // 2**20,
                        help=f"message size limit both ways, MiB (default {defaults.max_message_bytes // 2**20})")
     group.add_argument("--grace", type=_non_negative_float, default=defaults.grace_s,
-                       help=f"seconds to finish in-flight work on SIGTERM (default {defaults.grace_s:g})")
-    group.add_argument("--token", default=os.environ.get("MIMETIC_TOKEN"), help=TOKEN_HELP)
+                       help=f"seconds to finish in-flight work on SIGTERM; the process exits within one more second "
+                       f"(default {defaults.grace_s:g})")
+    _add_token_arguments(group)
     group.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     group.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
 
@@ -93,7 +141,7 @@ def add_parsers(commands) -> None:
     info = actions.add_parser("info", help="print the server's models, views, vocabularies, versions and limits as JSON")
     info.add_argument("address", metavar="ADDRESS", help="host:port")
     for parser in (embed, info):
-        parser.add_argument("--token", default=os.environ.get("MIMETIC_TOKEN"), help=TOKEN_HELP)
+        _add_token_arguments(parser)
         parser.add_argument("--tls", default=None, metavar="CA.pem|system", help="use TLS, trusting this CA (or the system's roots)")
 
 
@@ -113,26 +161,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, max_batch=args.max_batch,
         max_delay_ms=args.max_delay_ms, max_in_flight=args.max_in_flight, max_queue=args.max_queue,
-        max_streams=args.max_streams, max_message_bytes=args.max_message_mb * 2**20, grace_s=args.grace,
-        token=args.token, tls_cert=str(args.tls_cert) if args.tls_cert else None,
+        max_streams=args.max_streams, idle_timeout_s=args.idle_timeout, max_message_bytes=args.max_message_mb * 2**20,
+        grace_s=args.grace, token=token_from_args(args), tls_cert=str(args.tls_cert) if args.tls_cert else None,
         tls_key=str(args.tls_key) if args.tls_key else None,
     )
-    try:
-        config.check()
-    except ValueError as exc:
-        print(f"mimetic serve: error: {exc}", file=sys.stderr)
-        return 2
+    config.check()  # a bad setting is one line and exit status 2 (the root command's handler)
     engine_config = config_from_args(args)
-    try:
-        return serve(config, lambda: Engine(engine_config))
-    except OSError as exc:
-        print(f"mimetic serve: error: {exc}", file=sys.stderr)
-        return 1
+    status = serve(config, lambda: Engine(engine_config))
+    # The process ends here, once "stopped" has been reported: the interpreter's own exit would first
+    # wait for busy worker threads and collect the models' objects, seconds past the grace period.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _print_readings(result) -> None:
     if result.error:
-        print(f"{result.id}: error: {result.error}", file=sys.stderr)
+        print(result.error, file=sys.stderr)  # it names the item: "bad/x.jpg: not a recognised image format ..."
         return
     parts = [f"{name}: " + ", ".join(f"{label} {p:.2f}" for label, p in r["pooled"][:3]) for name, r in result.readings.items()]
     print(f"{result.id}: " + " | ".join(parts))
@@ -145,8 +190,9 @@ def cmd_call(args: argparse.Namespace) -> int:
     from engine.pipeline import Panorama
 
     tls = True if args.tls == "system" else args.tls
+    token = token_from_args(args)
     try:
-        with MimeticClient(args.address, token=args.token, tls=tls, retries=2) as client:
+        with MimeticClient(args.address, token=token, tls=tls, retries=2) as client:
             if args.call_command == "info":
                 print(json.dumps(client.info(), indent=2))
                 return 0
@@ -169,11 +215,10 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone ``serve`` and ``call`` (the same as ``mimetic serve`` / ``mimetic call``)."""
-    parser = argparse.ArgumentParser(prog="mimetic", description="mimetic's gRPC service and its client")
-    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    result = run(parser.parse_args(argv))
-    return int(result or 0)
+    """Standalone ``serve`` and ``call``: the same as ``mimetic serve`` / ``mimetic call``, under the same error handler."""
+    from engine.cli import main as mimetic
+
+    return mimetic(argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
 @dataclass
 class ServerConfig:
-    """How the server listens and batches. Every field is a ``mimetic serve`` flag."""
+    """How the server listens and batches. Every field is a ``mimetic serve`` flag.
+
+    The decoded-bytes budget is the Engine's (``EngineConfig.max_decode_mib``, ``--max-decode-mib``):
+    one for the whole server, shared by every stream.
+    """
 
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = DEFAULT_PORT  # 0: any free port (see MimeticServer.port)
@@ -20,11 +24,14 @@ class ServerConfig:
     max_delay_ms: float = 5.0  # the longest the first item of a batch waits for others
     max_in_flight: int = 16  # K: requests per stream read ahead of the responses written
     max_queue: int = 512  # items waiting for a batch, over every stream
-    max_streams: int = 64  # concurrent calls (more are refused with RESOURCE_EXHAUSTED)
+    # Embed and Dream streams open at once, counted by the service after the token check (more are
+    # refused with RESOURCE_EXHAUSTED). Health checks and reflection are not counted: they cannot be starved.
+    max_streams: int = 64
+    idle_timeout_s: float = 60.0  # a stream with nothing in flight that sends nothing this long is ended
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both ways
     max_views: int = 64  # views per item
     max_thumbnail_size: int = 512
-    grace_s: float = 30.0  # to finish in-flight work when draining
+    grace_s: float = 30.0  # to finish in-flight work when draining; the process exits within grace_s + 1 s
     token: str | None = None  # bearer token; None: no authentication
     tls_cert: str | None = None  # PEM certificate chain (path); with tls_key: TLS
     tls_key: str | None = None
@@ -37,6 +44,10 @@ class ServerConfig:
             raise ValueError(f"max_batch must be positive, got {self.max_batch}")
         if not (self.max_delay_ms >= 0 and math.isfinite(self.max_delay_ms)):
             raise ValueError(f"max_delay_ms must be a finite number >= 0, got {self.max_delay_ms}")
+        if not (self.idle_timeout_s > 0 and math.isfinite(self.idle_timeout_s)):
+            raise ValueError(f"idle_timeout_s (--idle-timeout) must be a finite number of seconds > 0, got {self.idle_timeout_s}")
+        if not (self.grace_s >= 0 and math.isfinite(self.grace_s)):
+            raise ValueError(f"grace_s (--grace) must be a finite number of seconds >= 0, got {self.grace_s}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key (tls_cert and tls_key)")
         if self.token is not None and not self.token:
