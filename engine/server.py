@@ -293,9 +293,19 @@ class _Holds:
         self._out: set[Item] = set()
 
     async def take(self, item: Item, cost: int, deadline: float | None) -> None:
-        """Wait for ``cost`` bytes, in line; BudgetExceededError if they can never fit, TimeoutError past the deadline."""
+        """Wait for ``cost`` bytes, in line; BudgetExceededError if they can never fit, TimeoutError past the deadline.
+
+        Cancelled (its stream went away) or past its deadline, the item keeps its place in line and gives
+        the bytes back the moment they are granted: cancelling the wait itself could lose bytes granted
+        just before the cancellation arrived.
+        """
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        reservation = await asyncio.wait_for(self.budget.acquire_async(cost, item=item.item_id), timeout)
+        acquiring = asyncio.ensure_future(self.budget.acquire_async(cost, item=item.item_id))
+        try:
+            reservation = await asyncio.wait_for(asyncio.shield(acquiring), timeout)
+        except BaseException:
+            acquiring.add_done_callback(_give_back_if_granted)
+            raise
         with self._lock:
             item.hold = reservation
             self._out.add(item)
@@ -317,6 +327,11 @@ class _Holds:
             items, self._out = list(self._out), set()
         for item in items:
             self.release(item)
+
+
+def _give_back_if_granted(acquiring: asyncio.Future) -> None:
+    if not acquiring.cancelled() and acquiring.exception() is None:
+        acquiring.result().release()
 
 
 class Stream:
