@@ -137,7 +137,7 @@ class Metrics:
     mimetic_views_per_second              the same over the last 10 s, for a glance
     mimetic_in_flight                     requests read and not yet answered, over every stream
     mimetic_queue_depth, mimetic_streams  items waiting for a batch; open Embed streams
-    mimetic_decode_bytes                  decoded image bytes held in the budget (and its limit, _limit_bytes)
+    mimetic_decode_bytes                  decoded image bytes held in the budget; mimetic_decode_limit_bytes, the budget
     """
 
     WINDOW_S = 10.0
