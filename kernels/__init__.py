@@ -5,7 +5,9 @@
 
 Conventions, shared with py360convert and ``DESIGN.md``:
 
-* Angles are degrees in ``ViewSpec`` and ``yaw_offsets``, radians inside the kernels.
+* Angles are degrees in ``ViewSpec`` and ``yaw_offsets``, radians inside the kernels. Any finite
+  angle is a direction: it counts by its exact float64 remainder mod 360, taken where the kernel
+  parameters are built (``geometry.wrap_degrees``), while a ``ViewSpec`` keeps the value it was given.
 * yaw 0 looks at the panorama's centre column; positive yaw turns right, positive pitch looks up;
   positive roll turns the camera clockwise about its line of sight, so the scene appears turned
   counter-clockwise (py360convert's ``in_rot_deg``). ``yaw_offsets[m]`` is added to every view's yaw

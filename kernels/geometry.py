@@ -26,6 +26,13 @@ OUT_DTYPES = (torch.float16, torch.float32, torch.uint8)
 LAYOUTS = ("NCHW", "NHWC")
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """One perspective view of a panorama: direction in degrees, size in pixels."""
@@ -40,7 +47,7 @@ class ViewSpec:
     def __post_init__(self):
         for name in ("yaw", "pitch", "roll", "fov"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not isinstance(value, (int, float)) or not _finite(value):
                 raise ValueError(f"ViewSpec.{name} must be a finite number of degrees, got {value!r}")
         if not 0.0 < self.fov < 180.0:
             raise ValueError(f"ViewSpec.fov must be in (0, 180) degrees, got {self.fov!r}")
@@ -48,6 +55,19 @@ class ViewSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ViewSpec.{name} must be a positive int of pixels, got {value!r}")
+
+
+def wrap_degrees(angle):
+    """An angle, or an array of them, reduced to [-180, 180) degrees exactly, in float64.
+
+    Every finite angle is a direction: 1e300 degrees is fmod(1e300, 360) degrees. fmod is exact in
+    float64, and so is the one step into [-180, 180) (Sterbenz), whereas radians(1e300) or a float32
+    sum of such angles keeps nothing of the direction. The kernels get angles of at most pi radians,
+    so a yaw plus a yaw offset stays small in float32 too. The caller's ViewSpec keeps its own value.
+    """
+    wrapped = np.fmod(np.asarray(angle, dtype=np.float64), 360.0)
+    wrapped = np.where(wrapped >= 180.0, wrapped - 360.0, np.where(wrapped < -180.0, wrapped + 360.0, wrapped))
+    return float(wrapped) if wrapped.ndim == 0 else wrapped
 
 
 def _axis_rotation(radians: float, axis: int) -> np.ndarray:
@@ -66,7 +86,7 @@ def camera_to_world(view: ViewSpec) -> np.ndarray:
     is outermost, a per-panorama yaw offset is a pure shift in longitude, which is how the kernels
     apply ``yaw_offsets``.
     """
-    yaw, pitch, roll = (math.radians(a) for a in (view.yaw, view.pitch, view.roll))
+    yaw, pitch, roll = (math.radians(wrap_degrees(a)) for a in (view.yaw, view.pitch, view.roll))
     return _axis_rotation(yaw, 1) @ _axis_rotation(-pitch, 0) @ _axis_rotation(-roll, 2)
 
 
@@ -76,12 +96,13 @@ def view_params(views: Sequence[ViewSpec]) -> tuple[np.ndarray, np.ndarray, np.n
     Returns ``(shapes, shape_index, yaw)``: ``shapes`` is (U, 11) float64 for the U distinct
     (pitch, roll, fov, size) combinations, each the yaw-free rotation row-major then tan(hfov/2)
     and tan(vfov/2); ``shape_index`` (N,) int64 maps view n to its row; ``yaw`` (N,) is radians. A
-    ring of eight yaws thus shares one projection, which the CPU kernel computes once.
+    ring of eight yaws thus shares one projection, which the CPU kernel computes once. Angles are
+    reduced first (``wrap_degrees``): |yaw| <= pi, and pitch 370 shares pitch 10's row.
     """
     keys: dict[tuple, int] = {}
     rows, shape_index = [], []
     for view in views:
-        key = (view.pitch, view.roll, view.fov, view.width, view.height)
+        key = (wrap_degrees(view.pitch), wrap_degrees(view.roll), view.fov, view.width, view.height)
         if key not in keys:
             keys[key] = len(rows)
             tan_x = math.tan(math.radians(view.fov) / 2)
@@ -89,7 +110,7 @@ def view_params(views: Sequence[ViewSpec]) -> tuple[np.ndarray, np.ndarray, np.n
             rotation = camera_to_world(ViewSpec(0.0, view.pitch, view.roll, view.fov, view.width, view.height))
             rows.append([*rotation.ravel(), tan_x, tan_y])
         shape_index.append(keys[key])
-    yaw = np.radians([view.yaw for view in views])
+    yaw = np.radians(wrap_degrees([view.yaw for view in views]))
     return np.asarray(rows, dtype=np.float64), np.asarray(shape_index, dtype=np.int64), yaw
 
 

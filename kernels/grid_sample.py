@@ -48,8 +48,9 @@ def reproject_grid_sample(panos, shapes, shape_index, yaw, yaw_offsets, scale, b
         image = torch.cat([image[:, :1].roll(half, -1), image, image[:, -1:].roll(half, -1)], dim=1)
         image = torch.cat([image[..., -1:], image, image[..., :1]], dim=-1)  # (3, H + 2, W + 2)
         x = ((lon + view_yaw + float(yaw_offsets[m])) / (2 * math.pi) + 0.5) * pano_w
-        x = torch.remainder(x, pano_w)
-        y = (0.5 - lat / math.pi) * pano_h
+        # Clamped after the wrap, NaN and inf included (remainder(inf) is NaN), like the kernels.
+        x = torch.remainder(x, pano_w).nan_to_num_(0.0).clamp_(0, pano_w)
+        y = ((0.5 - lat / math.pi) * pano_h).nan_to_num_(0.0).clamp_(0, pano_h)
         # Padded pixel k has its centre at k - 0.5 in panorama coordinates; align_corners maps k.
         grid = torch.stack([(x + 0.5) / (pano_w + 1), (y + 0.5) / (pano_h + 1)], dim=-1) * 2 - 1
         sampled = F.grid_sample(image[None], grid.reshape(1, n_views * height, width, 2), align_corners=True)

@@ -11,20 +11,21 @@ import math
 
 import numpy as np
 
-from .geometry import ViewSpec, camera_to_world
+from .geometry import ViewSpec, camera_to_world, wrap_degrees
 
 
 def project(view: ViewSpec, rows, cols, yaw_offset: float, pano_h: int, pano_w: int):
     """Continuous panorama coordinates (X, Y) of view points (rows, cols), in pixels from the top-left.
 
-    Pixel c of the panorama covers [c, c + 1), so its centre is c + 0.5.
+    Pixel c of the panorama covers [c, c + 1), so its centre is c + 0.5. Angles count by their exact
+    remainder mod 360 (``camera_to_world`` reduces the view's own).
     """
     tan_x = math.tan(math.radians(view.fov) / 2)
     tan_y = tan_x * view.height / view.width
     x = ((cols + 0.5) * 2.0 / view.width - 1.0) * tan_x
     y = (1.0 - (rows + 0.5) * 2.0 / view.height) * tan_y
     ray = np.stack([x, y, np.ones_like(x)], axis=-1) @ camera_to_world(view).T
-    lon = np.arctan2(ray[..., 0], ray[..., 2]) + math.radians(yaw_offset)
+    lon = np.arctan2(ray[..., 0], ray[..., 2]) + math.radians(wrap_degrees(yaw_offset))
     lat = np.arctan2(ray[..., 1], np.hypot(ray[..., 0], ray[..., 2]))
     return (lon / (2 * math.pi) + 0.5) * pano_w, (0.5 - lat / math.pi) * pano_h
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .geometry import LAYOUTS, OUT_DTYPES, ViewSpec, output_affine, view_params
+from .geometry import LAYOUTS, OUT_DTYPES, ViewSpec, output_affine, view_params, wrap_degrees
 
 BACKENDS = ("auto", "triton", "numba", "torch")
 
@@ -58,13 +58,14 @@ def _check_views(views) -> list[ViewSpec]:
 def _check_yaw_offsets(yaw_offsets, count: int) -> np.ndarray:
     if yaw_offsets is None:
         return np.zeros(count)
-    offsets = torch.as_tensor(yaw_offsets).detach().to("cpu", torch.float64).numpy()
+    # float64 from the start: as_tensor would make a list float32, rounding 1e20 and overflowing 1e300.
+    offsets = torch.as_tensor(yaw_offsets, dtype=torch.float64).detach().cpu().numpy()
     if offsets.shape != (count,):
         raise ValueError(f"yaw_offsets must have shape ({count},), one per panorama, got {offsets.shape}")
     bad = np.flatnonzero(~np.isfinite(offsets))
     if bad.size:
         raise ValueError(f"yaw_offsets must be finite degrees; panorama {bad[0]} has {offsets[bad[0]]}")
-    return np.radians(offsets)
+    return np.radians(wrap_degrees(offsets))  # exact remainders: the kernels add these to yaws in float32
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:

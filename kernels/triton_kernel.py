@@ -10,6 +10,11 @@ to the panorama region under the views, read once, plus the output.
 Everything per pixel (ray, longitude/latitude, Jacobian footprint) is computed in registers in
 float32; ``atan2`` is a Cephes polynomial built from core ``tl`` ops because the Triton
 interpreter (used for CPU tests) has no libdevice.
+
+No float can take an index off the panorama: the sample position is clamped after the longitude
+wrap (with ``tl.where`` on comparisons, which are false for NaN, so NaN lands on pixel 0 on the GPU
+and in the interpreter alike, where ``tl.maximum`` leaves NaN unspecified), and every row and
+column index is clamped where it is formed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ def _atan2(y, x):
     r = tl.where(abs_y > abs_x, 1.5707963267948966 - r, r)
     r = tl.where(x < 0.0, 3.141592653589793 - r, r)
     return tl.where(y < 0.0, -r, r)
+
+
+@triton.jit
+def _clamp(value, low, high):
+    """``value`` limited to [low, high], and NaN sent to ``low``."""
+    value = tl.where(value >= low, value, low)
+    return tl.where(value <= high, value, high)
 
 
 @triton.jit
@@ -92,8 +104,9 @@ def _reproject_kernel(
     rho = tl.sqrt(rho2)
     yaw = tl.load(yaw_ptr + n) + tl.load(yaw_offsets_ptr + m)
     x = ((_atan2(d0, d2) + yaw) / 6.283185307179586 + 0.5) * pano_wf
-    x = x - tl.floor(x / pano_wf) * pano_wf
-    y = (0.5 - _atan2(d1, rho) / 3.141592653589793) * pano_hf
+    # Wrap, then clamp: a huge, infinite or NaN position still lands on the panorama.
+    x = _clamp(x - tl.floor(x / pano_wf) * pano_wf, 0.0, pano_wf)
+    y = _clamp((0.5 - _atan2(d1, rho) / 3.141592653589793) * pano_hf, 0.0, pano_hf)
 
     if ANTIALIAS:
         # Footprint from the analytic Jacobian: root-sum-square of the pixel's edge vectors per axis.
@@ -112,8 +125,8 @@ def _reproject_kernel(
         foot_y = tl.sqrt(lat_c * lat_c + lat_r * lat_r) * pano_hf / 3.141592653589793
         # A footprint of at most one pixel is bilinear; a wider one a tent of half-width foot/sqrt(2).
         tent = (foot_x > 1.0) | (foot_y > 1.0)
-        half_x = tl.where(tent, tl.minimum(tl.maximum(foot_x, 1.0) * 0.7071067811865476, 0.5 * pano_wf), 0.5)
-        half_y = tl.where(tent, tl.minimum(tl.maximum(foot_y, 1.0) * 0.7071067811865476, 0.5 * pano_hf), 0.5)
+        half_x = tl.where(tent, _clamp(foot_x * 0.7071067811865476, 0.7071067811865476, 0.5 * pano_wf), 0.5)
+        half_y = tl.where(tent, _clamp(foot_y * 0.7071067811865476, 0.7071067811865476, 0.5 * pano_hf), 0.5)
     else:
         tent = tl.zeros([TILE_H, TILE_W], tl.int1)
         half_x = tl.full([TILE_H, TILE_W], 0.5, tl.float32)
@@ -140,6 +153,7 @@ def _reproject_kernel(
         # Past a pole: the same latitude on the opposite meridian.
         shift = tl.where((r < 0) | (r >= pano_h), half, 0)
         row = tl.where(r < 0, -1 - r, tl.where(r >= pano_h, 2 * pano_h - 1 - r, r))
+        row = tl.minimum(tl.maximum(row, 0), pano_h - 1)
         for dc in range(0, max_cols):
             cf = c_first + dc
             weight_c = _pixel_weight(cf, x, inv_x, tent)
@@ -150,7 +164,7 @@ def _reproject_kernel(
             col = cf.to(tl.int32) + shift
             col = tl.where(col < 0, col + pano_w, col)
             col = tl.where(col >= pano_w, col - pano_w, col)
-            col = tl.where(col >= pano_w, col - pano_w, col)
+            col = tl.minimum(tl.maximum(tl.where(col >= pano_w, col - pano_w, col), 0), pano_w - 1)
             src = pano + row * stride_h + col * stride_w
             acc0 += weight * tl.load(src, mask=ok, other=0).to(tl.float32)
             acc1 += weight * tl.load(src + stride_c, mask=ok, other=0).to(tl.float32)
