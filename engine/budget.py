@@ -159,6 +159,8 @@ class DecodeBudget:
                 if waiter in self._line:
                     self._line.remove(waiter)
                     self._serve_line()
+            if future.done() and not future.cancelled():  # granted just before the cancellation landed
+                future.result().release()
             raise
 
     def _give_back(self, nbytes: int) -> None:

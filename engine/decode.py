@@ -264,8 +264,16 @@ def _header(stream, item: str) -> ImageHeader:
     try:
         with Image.open(stream) as im:
             width, height = im.size
-            orientation = im.getexif().get(0x0112, 1)
             image_format = im.format
+            if image_format == "PNG":
+                # PIL's getexif() on a PNG reads on to the end of the file for a late eXIf chunk,
+                # which decodes every pixel: take only an eXIf chunk that comes before the data.
+                exif = Image.Exif()
+                if im.info.get("exif"):
+                    exif.load(im.info["exif"])
+            else:
+                exif = im.getexif()
+            orientation = exif.get(0x0112, 1)
     except Exception as exc:
         raise DecodeError(item, _reason(exc)) from exc
     shown = (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)

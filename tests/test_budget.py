@@ -235,3 +235,38 @@ def test_a_huge_yaw_offset_is_reduced_exactly_and_embeds_like_its_remainder(tiny
     assert huge.error is None and reduced.error is None and negative.error is None
     np.testing.assert_allclose(huge.embeddings.numpy(), reduced.embeddings.numpy(), atol=1e-5)
     np.testing.assert_allclose(negative.embeddings.numpy(), reduced.embeddings.numpy(), atol=1e-4)
+
+
+def test_a_wait_cancelled_just_after_its_bytes_were_granted_gives_them_back():
+    async def scenario():
+        budget = DecodeBudget(100)
+        holder = await budget.acquire_async(100, item="holder")
+        waiter = asyncio.create_task(budget.acquire_async(50, item="waiter"))
+        await asyncio.sleep(0)  # the waiter is in line
+        holder.release()  # grants the waiter: its bytes are delivered on the loop
+        await asyncio.sleep(0)  # delivered; the waiting task has not resumed yet
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert budget.in_use == 0
+
+    asyncio.run(scenario())
+
+
+def test_reading_a_header_decodes_no_pixel(monkeypatch, tmp_path):
+    """The header is read for every input before admission: it must cost kilobytes, not the image."""
+    from PIL import ImageFile
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (2000, 1000), (1, 2, 3)).save(path)
+    turned = tmp_path / "turned.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned by 90°
+    Image.new("RGB", (200, 100)).save(turned, exif=exif)
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("read_header decoded the pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert (read_header(path).width, read_header(path).height) == (2000, 1000)
+    assert (read_header(PANORAMAS / "louvre.jpg").width, read_header(turned).width) == (4096, 100)
