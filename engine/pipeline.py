@@ -44,6 +44,7 @@ from engine.models.clip import ZERO_SHOT_LOGIT_SCALE, ClipModel, load_clip
 from engine.views import view_set
 from engine.vocab import TextEmbeddingCache, Vocabulary, load_vocabulary
 from kernels import ViewSpec, reproject
+from kernels.geometry import wrap_degrees
 
 
 @dataclass
@@ -98,23 +99,13 @@ class InvalidPanoramaError(DecodeError):
     """A Panorama whose fields (not its image) are wrong: an empty id, a yaw_offset that is not a finite number."""
 
 
-def wrapped_degrees(value) -> float:
-    """An angle in degrees reduced to [0, 360) exactly, in float64 (fmod is exact), for any finite value.
-
-    1e20 or 1e300 degrees is a direction like any other; reducing it here keeps every later float32
-    step (the kernels add radians to longitudes) in range, whatever the caller sends.
-    """
-    wrapped = math.fmod(float(value), 360.0)
-    return wrapped + 360.0 if wrapped < 0.0 else wrapped
-
-
 @dataclass
 class _Admitted:
     """An input that passed the checks: its decode cost, and the bytes held for it in the decode budget."""
 
     item: Panorama
     cost: int
-    yaw_offset: float  # wrapped_degrees
+    yaw_offset: float  # reduced to [-180, 180) exactly (kernels.geometry.wrap_degrees)
     reservation: Reservation | None = None
 
     def release(self) -> None:
@@ -274,14 +265,14 @@ class Engine:
             raise InvalidPanoramaError(item.id, f"yaw_offset must be a finite number of degrees, got {offset!r}")
         data = item.data
         if isinstance(data, (np.ndarray, torch.Tensor)):
-            return _Admitted(item, 0, wrapped_degrees(offset))  # the caller's memory, already spent
+            return _Admitted(item, 0, wrap_degrees(offset))  # the caller's memory, already spent
         if not isinstance(data, (bytes, bytearray, memoryview, str, os.PathLike)):
             raise InvalidPanoramaError(item.id, f"data must be a path, bytes or a uint8 array, got {type(data).__name__}")
         header = read_header(data, name=item.id)
         check_equirectangular(item.id, (header.height, header.width))
         check_pixels(item.id, header.width, header.height, self.config.max_pixels)
         min_width = None if self.decode_on_device else self.min_decode_width
-        return _Admitted(item, decode_cost(header, min_width=min_width), wrapped_degrees(offset))
+        return _Admitted(item, decode_cost(header, min_width=min_width), wrap_degrees(offset))
 
     def _reserve(self, admitted: _Admitted, *, wait: bool) -> bool:
         """Hold the input's cost in the decode budget; False when there is no room and ``wait`` is off."""

@@ -100,12 +100,13 @@ from engine.decode import (
     read_header,
     required_width,
 )
-from engine.pipeline import EmbedResult, Engine, Panorama, check_equirectangular, wrapped_degrees
+from engine.pipeline import EmbedResult, Engine, Panorama, check_equirectangular
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
 from engine.server_config import ServerConfig
 from engine.views import PRESETS, view_set
 from kernels import ViewSpec, reproject
+from kernels.geometry import wrap_degrees
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Mimetic"].full_name  # "mimetic.v1.Mimetic"
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # "grpc.health.v1.Health"
@@ -874,7 +875,7 @@ class MimeticService(pb_grpc.MimeticServicer):
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensor = torch.from_numpy(pano)
         out = reproject([tensor], small, out_dtype=torch.uint8, layout="NHWC",
-                        yaw_offsets=torch.tensor([wrapped_degrees(request.yaw_offset)], dtype=torch.float64))
+                        yaw_offsets=torch.tensor([wrap_degrees(request.yaw_offset)], dtype=torch.float64))
         thumbnails = []
         for view in out[0].numpy():
             buffer = io.BytesIO()

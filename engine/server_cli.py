@@ -143,6 +143,11 @@ def add_parsers(commands) -> None:
     for parser in (embed, info):
         _add_token_arguments(parser)
         parser.add_argument("--tls", default=None, metavar="CA.pem|system", help="use TLS, trusting this CA (or the system's roots)")
+        parser.add_argument(
+            "--retry-budget", type=_non_negative_float, default=60.0, metavar="SECONDS",
+            help="while the server is unavailable (a restart, a drain), retry with backoff for this long, then give up "
+            "(default 60); the requests with no answer are sent again, none twice",
+        )
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -186,32 +191,40 @@ def _print_readings(result) -> None:
 def cmd_call(args: argparse.Namespace) -> int:
     import grpc
 
-    from engine.client import MimeticClient
+    from engine.client import MimeticClient, ServerUnavailableError
     from engine.pipeline import Panorama
 
     tls = True if args.tls == "system" else args.tls
     token = token_from_args(args)
+    results = []
     try:
-        with MimeticClient(args.address, token=token, tls=tls, retries=2) as client:
+        with MimeticClient(args.address, token=token, tls=tls, retry_budget_s=args.retry_budget) as client:
             if args.call_command == "info":
                 print(json.dumps(client.info(), indent=2))
                 return 0
             vocabularies = [v.strip() for v in args.vocabularies.split(",") if v.strip()] if args.vocabularies else None
-            results = []
             panoramas = (Panorama(id=path, data=path) for path in args.files)
             for result in client.embed(panoramas, views=args.views, vocabularies=vocabularies, top_k=args.top_k):
                 _print_readings(result)
                 results.append(result)
     except grpc.RpcError as exc:
-        print(f"mimetic call: error: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if results and args.out is not None:  # what did come back is kept
+            _write(results, args.out)
+            print(f"{len(results)} results before the error -> {args.out}", file=sys.stderr)
+        detail = str(exc) if isinstance(exc, ServerUnavailableError) else f"{args.address}: {exc.code().name}: {exc.details()}"
+        print(f"mimetic call: error: {detail}", file=sys.stderr)
         return 1
     if args.out is not None:
-        from engine.results import write_parquet
-
-        write_parquet(results, args.out)
+        _write(results, args.out)
     failed = sum(1 for r in results if r.error)
     print(f"{len(results) - failed} of {len(results)} panoramas embedded" + (f" -> {args.out}" if args.out else ""))
     return 1 if failed else 0
+
+
+def _write(results, path: Path) -> None:
+    from engine.results import write_parquet
+
+    write_parquet(results, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,3 +106,19 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_version", interrupted)
     assert cli.main(["version"]) == 130
     assert capsys.readouterr().err == "mimetic version: interrupted\n"
+
+
+def test_call_gives_up_after_its_retry_budget_in_one_line():
+    """`call` used to stop after two quick retries; it now waits out --retry-budget (default 60 s) for a restart."""
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    run = mimetic("call", "info", f"127.0.0.1:{port}", "--retry-budget", "2")
+    waited = time.monotonic() - started
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    [line] = run.stderr.splitlines()
+    assert line.startswith(f"mimetic call: error: 127.0.0.1:{port}: no answer for 2.") and "retry budget of 2 s" in line
+    assert 2.0 <= waited < 30
