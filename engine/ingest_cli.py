@@ -89,8 +89,11 @@ def run(args: argparse.Namespace) -> int | None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from engine.budget import give_freed_images_back_to_the_os
     from engine.cli import config_from_args
     from engine.ingest import InputError, RunMismatchError, RunWriteError, ingest
+
+    give_freed_images_back_to_the_os()  # peak memory follows the decode budget, not the decode threads
 
     options = {"metadata": args.metadata, "shard_size": args.shard_size, "north_up": args.north_up, "quiet": args.quiet,
                "verify": args.verify, "hash_inputs": args.hash_inputs}

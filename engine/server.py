@@ -65,7 +65,6 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
-import ctypes
 import hmac
 import inspect
 import io
@@ -90,7 +89,7 @@ from PIL import Image
 
 from engine import wire
 from engine.batching import Batcher
-from engine.budget import DecodeBudget, Reservation
+from engine.budget import DecodeBudget, Reservation, give_freed_images_back_to_the_os
 from engine.decode import (
     DecodeError,
     ImageTooLargeError,
@@ -1422,23 +1421,6 @@ async def serve_async(config: ServerConfig, engine: Engine | Callable[[], Engine
     clean = await server.drain()
     print(f"mimetic serve: stopped{'' if clean else ' (grace period over: unfinished work was cut)'}", file=sys.stderr, flush=True)
     return 0
-
-
-def give_freed_images_back_to_the_os(threshold: int = 4 * 2**20) -> bool:
-    """Make glibc put every allocation of ``threshold`` bytes or more in a mapping of its own, returned to
-    the OS when it is freed. Process-wide, for a process that serves (``serve`` calls it).
-
-    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB) and serves
-    smaller blocks from the allocating thread's own heap, which keeps them once freed: a decode's scratch
-    (PIL's 16 MiB blocks, 8 MiB strips) then stays resident in each decode thread's heap after its item is
-    gone, ~150 MiB per thread for a 32 MP panorama, so peak memory grew with the number of decode threads
-    rather than with what the decode budget admits (measured: 547 MiB for a 300 MiB budget, 4 threads).
-    Returns False where there is no glibc (nothing to tune).
-    """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def serve(config: ServerConfig, engine: Engine | Callable[[], Engine], *, dream_handler=None) -> int:
