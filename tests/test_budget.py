@@ -68,7 +68,7 @@ def test_waiters_are_admitted_first_come_first_served_and_never_over_the_limit()
     big.start()
     while budget.waiting < 1:
         time.sleep(0.001)
-    small = threading.Thread(target=wait, args=("small", 10))  # would fit now, but is behind "big"
+    small = threading.Thread(target=wait, args=("small", 20))  # would fit now, but is behind "big" (and 90 + 20 > 100)
     small.start()
     while budget.waiting < 2:
         time.sleep(0.001)
