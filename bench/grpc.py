@@ -46,7 +46,7 @@ from bench._results import OUT_HELP, versions, write_result
 from bench.clip import DEFAULT_PANO, jpeg_panoramas
 from bench.reproject import cpu_model
 from engine import Engine, EngineConfig, Panorama
-from engine.client import MimeticClient
+from engine.serve.client import MimeticClient
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -59,7 +59,7 @@ class ServerProcess:
     def __init__(self, batch_size: int, max_delay_ms: float, max_in_flight: int):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.server_cli", "serve", "--clip-model", "ViT-B-32", "--random-weights",
+            [sys.executable, "-m", "engine.serve.cli", "serve", "--clip-model", "ViT-B-32", "--random-weights",
              "--batch-size", str(batch_size), "--max-batch", str(batch_size), "--max-delay-ms", str(max_delay_ms),
              "--max-in-flight", str(max_in_flight), "--port", "0", "--metrics-port", "0"],
             cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,

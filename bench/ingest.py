@@ -6,10 +6,10 @@ What this measures, side by side in one run, on the same dump (louvre.jpg re-enc
 spaced yaws, 4096x2048 JPEG files in a folder) and with the same loaded model:
 
 * in-process: ``Engine.embed`` over the files' paths, results kept in memory: the ceiling;
-* local ingest: ``engine.ingest.ingest`` into a fresh run folder each pass: listing, run folder
+* local ingest: ``engine.ingest.job.ingest`` into a fresh run folder each pass: listing, run folder
   and manifest, then the same Engine, with every shard written to Parquet, fsynced, renamed and
   committed to the manifest (``--shards`` commits per pass, so the cost of exactly-once shows);
-* local Ray: ``engine.distributed.ingest_ray`` on a local Ray (started once, outside the timing),
+* local Ray: ``engine.ingest.ray.ingest_ray`` on a local Ray (started once, outside the timing),
   one actor per 4 CPUs or per GPU. Each pass starts its actors and builds their model, which the
   other two do not pay, so it is also reported as the actors' own rate: views over the seconds
   they spent inside shards (the manifest records them).
@@ -41,7 +41,7 @@ from bench._results import OUT_HELP, versions, write_result
 from bench.clip import DEFAULT_PANO, jpeg_panoramas
 from bench.reproject import cpu_model
 from engine import EngineConfig, Panorama
-from engine.ingest import ingest, make_engine
+from engine.ingest.job import ingest, make_engine
 
 BENCH_DIR = Path(__file__).resolve().parent
 TARGET_FRACTION = 0.9
@@ -180,7 +180,7 @@ class RayRunner:
     def __call__(self) -> float:
         import ray
 
-        from engine.distributed import ingest_ray, plan_actors
+        from engine.ingest.ray import ingest_ray, plan_actors
 
         out = self.scratch / f"ray-{self.passes}"
         self.passes += 1

@@ -31,7 +31,7 @@ BACKENDS = ("auto", "triton", "numba", "torch")
 
 # Commands that live beside the features they drive, each a module with add_parsers(commands) and
 # run(args) -> exit status, or None when the command is not its own. They import torch lazily.
-COMMAND_MODULES = ("engine.dream_cli", "engine.server_cli", "engine.ingest_cli")
+COMMAND_MODULES = ("engine.dream.cli", "engine.serve.cli", "engine.ingest.cli")
 
 TRACEBACK_ENV = "MIMETIC_TRACEBACK"  # =1: a user's error raises with its traceback instead of one line
 USAGE_ERROR = 2  # the exit status of a user's mistake, as argparse uses for a bad flag
@@ -300,7 +300,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from engine.dream_cli import make_tiny_sd
+    from engine.dream.cli import make_tiny_sd
     from engine.models.tiny import make_tiny_clip
 
     path = make_tiny_clip(args.dir)

@@ -129,7 +129,7 @@ class Engine:
         if isinstance(config.max_decode_mib, bool) or not isinstance(config.max_decode_mib, int) or config.max_decode_mib <= 0:
             raise ValueError(f"max_decode_mib must be a positive number of MiB, got {config.max_decode_mib!r}")
         # One budget of decoded bytes for everything decoding for this Engine: its own pool, and a
-        # server's streams (engine.server), which share it through the Engine.
+        # server's streams (engine.serve.server), which share it through the Engine.
         self.decode_budget = DecodeBudget(config.max_decode_mib * 2**20)
         self.clip: ClipModel = load_clip(
             config.clip_model,

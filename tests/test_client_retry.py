@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama
-from engine.client import AsyncMimeticClient, MimeticClient, ServerUnavailableError
 from engine.models.tiny import make_tiny_clip
-from engine.server import BackgroundServer, ServerConfig
+from engine.serve.client import AsyncMimeticClient, MimeticClient, ServerUnavailableError
+from engine.serve.server import BackgroundServer, ServerConfig
 
 from .test_server import free_port, jpeg, metric, metrics, wait_for
 
@@ -162,8 +162,8 @@ def test_a_writer_cancelled_just_as_its_pull_finished_leaves_the_item_to_the_nex
     """The retry cancels the old stream's writer; if that lands as the writer's pull from the caller's
     iterator completes, the item must go to the next writer (the iterator cannot give it back), or
     the ordered output waits forever for it. Seen once in 8 restarts before the fix."""
-    from engine.client import _END, _EmbedStream
     from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+    from engine.serve.client import _END, _EmbedStream
 
     async def main():
         stream = _EmbedStream(None, panoramas(blobs, 3), pb.EmbedRequest(), window=3, max_bytes=2**26, dtype=None,
@@ -187,7 +187,7 @@ def test_a_writer_cancelled_just_as_its_pull_finished_leaves_the_item_to_the_nex
 def test_grpc_s_own_internal_status_for_a_write_race_is_retried_and_a_server_s_is_not():
     """grpc.aio replaces the server's status with INTERNAL "Internal error from Core" when a write fails as
     the stream ends (grpc/grpc#36066): seen as the stream's status when the server stopped mid-write."""
-    from engine.client import _retryable
+    from engine.serve.client import _retryable
 
     def error(code, details):
         return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)

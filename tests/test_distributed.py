@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from engine import ingest as ingest_module
+from engine.ingest import job as ingest_module
 from engine.config import EngineConfig
-from engine.ingest import ingest
+from engine.ingest.job import ingest
 from engine.models.tiny import make_tiny_clip
 
 from .test_ingest import (
@@ -70,7 +70,7 @@ def test_a_successful_ray_run_prints_no_error_and_no_token_notice(tmp_path, louv
 
 def test_the_actors_engines_get_the_decode_budget_from_the_config(tmp_path, tiny_clip):
     """--max-decode-mib reaches each actor in its EngineConfig: its Engine's budget is that size."""
-    from engine.distributed import ShardWorker
+    from engine.ingest.ray import ShardWorker
 
     config = EngineConfig(clip_model=tiny_clip, batch_size=16, top_k=3, max_decode_mib=96)
     worker = ShardWorker(config, str(tmp_path), north_up=False, context={}, threads=None)
@@ -80,9 +80,9 @@ def test_the_actors_engines_get_the_decode_budget_from_the_config(tmp_path, tiny
 def test_shards_that_failed_as_a_whole_are_tried_once_more(tmp_path, setting, tiny_clip, local_ray, monkeypatch, capsys):
     """The first pass loses shards 2 and 4 (an actor lost: Ray does not restart them, max_restarts=0); the
     second pass, on a new pool, gets exactly those, and the run ends complete with the local rows."""
-    from engine import distributed
-    from engine.distributed import ingest_ray
-    from engine.ingest import build_shard, embed_in_order, shard_items
+    from engine.ingest import ray as distributed
+    from engine.ingest.job import build_shard, embed_in_order, shard_items
+    from engine.ingest.ray import ingest_ray
 
     (dump, metadata, _), engine, reference_run = setting
     passes = []
@@ -117,7 +117,7 @@ def test_a_ray_run_resuming_a_crashed_local_run_gives_the_local_rows(tmp_path, s
     """A local run dies after shard 1's parts are renamed but before the manifest lists it (the worst
     moment); Ray then resumes it with two actors: shards done locally stay, the rest are done once,
     the 3 corrupt files land in the quarantine, and the rows are the uninterrupted local run's."""
-    from engine.distributed import ingest_ray
+    from engine.ingest.ray import ingest_ray
 
     (dump, metadata, _), engine, reference_run = setting
     out = tmp_path / "run"
@@ -149,7 +149,7 @@ def test_a_ray_run_resuming_a_crashed_local_run_gives_the_local_rows(tmp_path, s
 
 
 def test_plan_actors_gives_one_gpu_per_actor_and_splits_cpus():
-    from engine.distributed import plan_actors
+    from engine.ingest.ray import plan_actors
 
     config = EngineConfig()
     assert plan_actors(config, {"CPU": 64.0, "GPU": 8.0}, None) == (8, 8.0, 1.0)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama, cli
-from engine.dream import (
+from engine.dream.core import (
     DreamParams,
     Keyframe,
     LoopParams,

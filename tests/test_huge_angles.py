@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import wire
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
+from engine.serve import wire
 from kernels import ViewSpec, reproject
 from kernels.geometry import view_params
 from kernels.reference import reproject_reference
@@ -246,7 +246,7 @@ SERVER = """
     import sys, tempfile
     from engine import Engine, EngineConfig
     from engine.models.tiny import make_tiny_clip
-    from engine.server import BackgroundServer, ServerConfig
+    from engine.serve.server import BackgroundServer, ServerConfig
     model = make_tiny_clip(tempfile.mkdtemp())
     engine = Engine(EngineConfig(clip_model=f"local-dir:{model}", batch_size=16))
     with BackgroundServer(engine, ServerConfig(port=0, max_delay_ms=1)) as server:

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama
-from engine import ingest as ingest_module
-from engine.ingest import InputError, RunFolder, RunMismatchError, canonical_fields, ingest, list_inputs, read_run
+from engine.ingest import job as ingest_module
+from engine.ingest.job import InputError, RunFolder, RunMismatchError, canonical_fields, ingest, list_inputs, read_run
 from engine.models.tiny import make_tiny_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -483,7 +483,7 @@ def test_the_progress_bar_shows_panoramas_views_per_second_and_errors(tmp_path, 
 def test_random_weights_are_the_same_in_every_process(tmp_path, caplog):
     """--random-weights is seeded, so a resumed run, a Ray actor and a query all see one model; the seed
     is in the run's fingerprint, since another seed is another model."""
-    from engine.ingest import config_fingerprint, make_engine
+    from engine.ingest.job import config_fingerprint, make_engine
 
     config = EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=(), device="cpu")
     first = make_engine(config).embed_text(["a street"])

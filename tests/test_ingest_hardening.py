@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import EngineConfig, ingest_cli
-from engine import ingest as ingest_module
-from engine.ingest import (
+from engine.ingest import job as ingest_module
+from engine.ingest.job import (
     InputError,
     RunFolder,
     RunFolderError,
@@ -431,7 +431,7 @@ def test_a_run_that_committed_nothing_restarts_with_another_dump_too(tmp_path, c
     dump, metadata, _, _ = city
     out = tmp_path / "run"
     with RunFolder(out).lock() as run:  # a run started on the wrong dump, killed before its first commit
-        from engine.ingest import prepare
+        from engine.ingest.job import prepare
 
         other = tmp_path / "other"
         other.mkdir()

@@ -5,9 +5,9 @@ import pytest
 import torch
 from google.protobuf import descriptor_pb2
 
-from engine import wire
 from engine.proto import PACKAGE_DIR, PROTO_ROOT, generate, proto_files
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+from engine.serve import wire
 from kernels import ViewSpec
 
 GENERATED = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from engine import ingest_cli
-from engine.ingest import InputItem, RunFolder, build_shard, ingest, read_run
+from engine.ingest.job import InputItem, RunFolder, build_shard, ingest, read_run
+from engine.ingest.query import query
 from engine.models.tiny import make_tiny_clip
 from engine.pipeline import EmbedResult
-from engine.query import query
 
 from .test_ingest import build_dump, small, tiny_engine
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from engine import ingest_cli
-from engine.ingest import InputItem, RunFolder, build_shard, ingest
+from engine.ingest.job import InputItem, RunFolder, build_shard, ingest
+from engine.ingest.query import QueryResult, format_results, printable, write_results
 from engine.models.tiny import make_tiny_clip
 from engine.pipeline import EmbedResult
-from engine.query import QueryResult, format_results, printable, write_results
 
 from .test_ingest import build_dump, small, tiny_engine
 

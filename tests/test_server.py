@@ -24,11 +24,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import Engine, EngineConfig, Panorama, wire
-from engine.client import AsyncMimeticClient, MimeticClient
 from engine.models.tiny import make_tiny_clip
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
-from engine.server import SERVICE_NAME, BackgroundServer, ServerConfig
+from engine.serve.client import AsyncMimeticClient, MimeticClient
+from engine.serve.server import SERVICE_NAME, BackgroundServer, ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 20_000  # 128 x 64 panoramas pass, 256 x 128 ones are over the limit
@@ -479,7 +479,7 @@ def test_sigterm_drains_in_flight_work(tiny_model, blobs):
     """A subprocess server holds 4 requests (waiting for company); SIGTERM: all 4 are answered, then UNAVAILABLE."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.server_cli", "serve", "--clip-model", tiny_model, "--port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "engine.serve.cli", "serve", "--clip-model", tiny_model, "--port", "0", "--metrics-port", "0",
          "--max-in-flight", "4", "--max-delay-ms", "5000", "--max-batch", "1000", "--grace", "20"],
         cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,
     )
@@ -596,7 +596,7 @@ def test_mimetic_call_embed_prints_readings_and_writes_parquet(engine, blobs, tm
     with BackgroundServer(engine, ServerConfig(port=0)) as server:
         out = tmp_path / "out.parquet"
         done = subprocess.run(
-            [sys.executable, "-m", "engine.server_cli", "call", "embed", server.address, *map(str, files), str(tmp_path / "bad.jpg"),
+            [sys.executable, "-m", "engine.serve.cli", "call", "embed", server.address, *map(str, files), str(tmp_path / "bad.jpg"),
              "--out", str(out)],
             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
         )

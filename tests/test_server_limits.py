@@ -1,7 +1,7 @@
 """The server under attack from outside: decoded-memory amplification, starvation of its slots, a grace
 period that must bound the exit, refusals made by grpc itself, and a token that must stay out of `ps`.
 
-Subprocess servers (`python -m engine.server_cli serve`) are used where the process itself is measured:
+Subprocess servers (`python -m engine.serve.cli serve`) are used where the process itself is measured:
 its peak RSS, its exit time, its stderr and its command line.
 """
 
@@ -23,12 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-import engine.server as server_module
+import engine.serve.server as server_module
 from engine import Engine, EngineConfig
 from engine.models.tiny import make_tiny_clip
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
-from engine.server import BackgroundServer, ServerConfig
+from engine.serve.server import BackgroundServer, ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OK, INVALID, EXHAUSTED = 0, 3, 8  # google.rpc.Code
@@ -91,7 +91,7 @@ class ServeProcess:
         environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         environ.pop("MIMETIC_TOKEN", None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.server_cli", "serve", "--clip-model", tiny_model, "--port", "0", "--metrics-port", "0",
+            [sys.executable, "-m", "engine.serve.cli", "serve", "--clip-model", tiny_model, "--port", "0", "--metrics-port", "0",
              *flags],
             cwd=REPO_ROOT, env={**environ, **(env or {})}, stderr=subprocess.PIPE, text=True,
         )
@@ -430,7 +430,7 @@ def test_refusals_made_by_grpc_itself_are_counted(engine, blob):
 def parse(*argv: str):
     import argparse
 
-    from engine.server_cli import add_parsers
+    from engine.serve.cli import add_parsers
 
     parser = argparse.ArgumentParser(prog="mimetic")
     add_parsers(parser.add_subparsers(dest="command", required=True))
@@ -446,7 +446,7 @@ def help_of(*command: str) -> str:
 
 
 def test_the_token_comes_from_a_file_or_the_environment_and_a_bad_file_is_one_clear_error(tmp_path, monkeypatch):
-    from engine.server_cli import token_from_args
+    from engine.serve.cli import token_from_args
 
     good, empty, missing = tmp_path / "token", tmp_path / "empty", tmp_path / "missing"
     good.write_text(f"  {TOKEN}  \nsecond line\n")
@@ -473,7 +473,7 @@ def test_mimetic_call_reads_the_token_from_the_environment_or_a_file(engine, tmp
     empty.write_text("")
     with BackgroundServer(engine, ServerConfig(port=0, token=TOKEN)) as server:
         def call(*flags, **extra):
-            return subprocess.run([sys.executable, "-m", "engine.server_cli", "call", "info", server.address, *flags],
+            return subprocess.run([sys.executable, "-m", "engine.serve.cli", "call", "info", server.address, *flags],
                                   cwd=REPO_ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120)
 
         by_env = call(MIMETIC_TOKEN=TOKEN)

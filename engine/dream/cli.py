@@ -1,4 +1,4 @@
-"""The ``mimetic dream``, ``walk`` and ``loop`` commands: thin shells over ``engine.dream``.
+"""The ``mimetic dream``, ``walk`` and ``loop`` commands: thin shells over ``engine.dream.core``.
 
     mimetic dream PANO [PANO ...] (--prompt TEXT | --from-labels styles,periods [--template T]) --out DIR
     mimetic walk --keyframes walk.yaml --out walk.mp4
@@ -142,7 +142,7 @@ def _dream(args) -> int:
     from tqdm import tqdm
 
     from engine.cli import config_from_args
-    from engine.dream import DreamParams, dream_iter, save_dreams
+    from engine.dream.core import DreamParams, dream_iter, save_dreams
     from engine.pipeline import Engine, Panorama
 
     labels = tuple(part.strip() for part in (args.from_labels or "").split(",") if part.strip())
@@ -174,7 +174,7 @@ def _dream(args) -> int:
 
 def _walk(args) -> int:
     from engine.cli import config_from_args
-    from engine.dream import WalkParams, load_keyframes, save_walk, walk
+    from engine.dream.core import WalkParams, load_keyframes, save_walk, walk
 
     keyframes, settings = load_keyframes(args.keyframes)
     overrides = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt, "fps": args.fps}
@@ -197,7 +197,7 @@ def _walk(args) -> int:
 def _loop(args) -> int:
     from engine.cli import config_from_args
     from engine.decode import DecodeError, decode_image
-    from engine.dream import LoopParams, loop, save_loop
+    from engine.dream.core import LoopParams, loop, save_loop
     from engine.pipeline import Engine
 
     params = LoopParams(

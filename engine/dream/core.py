@@ -1,7 +1,7 @@
 """Machine dreams: how Stable Diffusion recreates the places CLIP is shown, on the engine's own views.
 
     from engine import Engine, EngineConfig, Panorama
-    from engine.dream import DreamParams, dream, save_dreams
+    from engine.dream.core import DreamParams, dream, save_dreams
     from engine.models.diffusion import Dreamer
     engine, dreamer = Engine(EngineConfig(clip_model="local-dir:models/clip")), Dreamer("models/sd")
     results = dream(engine, dreamer, [Panorama(id="p1", data="rome/p1.jpg")],

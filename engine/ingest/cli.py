@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.cli import positive_int
 
-# engine.ingest.DEFAULT_SHARD_SIZE, written out so that building the parser does not import pyarrow
+# engine.ingest.job.DEFAULT_SHARD_SIZE, written out so that building the parser does not import pyarrow
 # (a test keeps them equal).
 DEFAULT_SHARD_SIZE = 1000
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int | None:
 def _ingest(args: argparse.Namespace) -> int:
     from engine.budget import give_freed_images_back_to_the_os
     from engine.cli import config_from_args
-    from engine.ingest import InputError, RunMismatchError, RunWriteError, ingest
+    from engine.ingest.job import InputError, RunMismatchError, RunWriteError, ingest
 
     give_freed_images_back_to_the_os()  # peak memory follows the decode budget, not the decode threads
 
@@ -105,7 +105,7 @@ def _ingest(args: argparse.Namespace) -> int:
             except ImportError:
                 print("mimetic ingest: error: --engine ray needs Ray Data: pip install 'ray[data]'", file=sys.stderr)
                 return 2
-            from engine.distributed import ingest_ray
+            from engine.ingest.ray import ingest_ray
 
             summary = ingest_ray(args.dump, args.out, config=config, address=args.address, actors=args.actors,
                                  verbose=args.verbose, **options)
@@ -128,8 +128,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from engine.ingest import InputError
-    from engine.query import format_results, query, slug, write_results
+    from engine.ingest.job import InputError
+    from engine.ingest.query import format_results, query, slug, write_results
 
     try:
         result = query(args.run, args.text, top=args.top, views=args.views, device=args.device)

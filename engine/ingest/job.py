@@ -1,6 +1,6 @@
 """City dumps -> a run folder of sharded Parquet, exactly once, resumable after a crash anywhere.
 
-    from engine.ingest import ingest
+    from engine.ingest.job import ingest
     summary = ingest("rome/", "runs/rome", config=EngineConfig(...), metadata=["rome.csv"], north_up=True)
 
 Inputs (``list_inputs``): a folder of images (jpg, jpeg, png, webp; recursive; dot-files skipped),
@@ -32,7 +32,7 @@ and redoes that shard. A kill after it leaves the shard done. So every input end
 whatever moment the process dies. A shard has one file name per table, so the folders never hold
 two copies of anything; while a run goes on (or after a crash, until it is resumed) they may hold a
 shard not yet committed, which ``read_run`` and ``committed_parts`` leave out. A shard's parts are written the same way by one process or by many (Ray
-actors, ``engine.distributed``), since a retried shard renames identical content over the same names;
+actors, ``engine.ingest.ray``), since a retried shard renames identical content over the same names;
 the manifest has a single writer, the driver, which holds ``RUN/.lock`` for the whole job.
 
 Integrity. Each part's byte size and sha256 are recorded in its shard's manifest entry at commit.

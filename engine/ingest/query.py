@@ -1,6 +1,6 @@
 """Text queries over a run folder: panoramas (or views) ranked by CLIP similarity, exactly.
 
-    from engine.query import query, write_results
+    from engine.ingest.query import query, write_results
     hits = query("runs/rome", "a baroque church", top=20)      # hits.positive, hits.negative: lists of dicts
     write_results(hits, "runs/rome/queries/a-baroque-church")   # .csv and .geojson
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import EngineConfig
-from engine.ingest import RunFolder, committed_parts, make_engine
+from engine.ingest.job import RunFolder, committed_parts, make_engine
 from engine.results import write_csv
 
 COLUMNS = {

@@ -1,13 +1,13 @@
 """The ingest job on Ray Data: the same run folder, manifest, quarantine and resume, scaled out.
 
-    from engine.distributed import ingest_ray
+    from engine.ingest.ray import ingest_ray
     summary = ingest_ray("rome/", "runs/rome", config=EngineConfig(...), address="auto")
 
-The driver does what the local job does before and after the work (``engine.ingest``): it lists the
+The driver does what the local job does before and after the work (``engine.ingest.job``): it lists the
 inputs, opens or checks the run folder, holds its lock, and is the manifest's only writer. In
 between, each pending shard is one row of a Ray Dataset, and ``map_batches`` hands it, one shard per
 call, to a pool of ``ShardWorker`` actors: one Engine each (and one GPU each on a GPU cluster). An
-actor embeds the shard's inputs and writes its parts (``engine.ingest.build_shard``: temporary names,
+actor embeds the shard's inputs and writes its parts (``engine.ingest.job.build_shard``: temporary names,
 then renames); the driver receives the shard's manifest entry and commits it. A retried or repeated
 shard renames identical files over the same names and is committed once, so commits are idempotent
 per shard; a kill of anything at any moment leaves only what the local job's resume already cleans.
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.ingest import (
+from engine.ingest.job import (
     DEFAULT_SHARD_SIZE,
     InputItem,
     Progress,
@@ -108,7 +108,7 @@ def plan_actors(config: EngineConfig, resources: dict, actors: int | None) -> tu
 def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
                north_up: bool = False, quiet: bool = False, verify: bool = False, hash_inputs: bool = False,
                address: str | None = None, actors: int | None = None, verbose: bool = False) -> dict:
-    """``engine.ingest.ingest`` on Ray Data; connects to ``address`` (or the running Ray, or a new local one).
+    """``engine.ingest.job.ingest`` on Ray Data; connects to ``address`` (or the running Ray, or a new local one).
 
     The Engine settings reach every actor in ``config`` (the decoded-bytes budget, ``max_decode_mib``,
     among them: it holds per actor, for that actor's Engine).

@@ -7,7 +7,7 @@
     mimetic call info ADDRESS
 
 ``add_parsers(commands)`` adds them to the ``mimetic`` command's subparsers and ``run(args)`` runs
-them (None for another command). ``python -m engine.server_cli serve ...`` runs them standalone.
+them (None for another command). ``python -m engine.serve.cli serve ...`` runs them standalone.
 
 The bearer token, for both: ``--token-file PATH`` (its first line, stripped) or ``--token TOKEN``
 (not both), else ``$MIMETIC_TOKEN``; none of them: no authentication. ``--token`` is visible to
@@ -87,7 +87,7 @@ def _port(text: str) -> int:
 
 
 def add_parsers(commands) -> None:
-    from engine.server_config import DEFAULT_PORT, ServerConfig
+    from engine.serve.config import DEFAULT_PORT, ServerConfig
 
     defaults = ServerConfig()
     serve = commands.add_parser(
@@ -160,8 +160,8 @@ def run(args: argparse.Namespace) -> int | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine.pipeline import Engine
-    from engine.server import serve
-    from engine.server_config import ServerConfig
+    from engine.serve.config import ServerConfig
+    from engine.serve.server import serve
 
     config = ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, max_batch=args.max_batch,
@@ -191,8 +191,8 @@ def _print_readings(result) -> None:
 def cmd_call(args: argparse.Namespace) -> int:
     import grpc
 
-    from engine.client import MimeticClient, ServerUnavailableError
     from engine.pipeline import Panorama
+    from engine.serve.client import MimeticClient, ServerUnavailableError
 
     tls = True if args.tls == "system" else args.tls
     token = token_from_args(args)

@@ -1,7 +1,7 @@
 """The Python client of ``mimetic serve``: remote results are the same EmbedResult objects the Engine gives.
 
     from engine import Panorama
-    from engine.client import MimeticClient
+    from engine.serve.client import MimeticClient
     with MimeticClient("127.0.0.1:50051", token=None, tls=None) as client:
         for result in client.embed(Panorama(id=path, data=path) for path in paths):   # as Engine.embed_iter
             result.embeddings, result.pooled, result.readings, result.error
@@ -57,12 +57,12 @@ import grpc
 import numpy as np
 import torch
 
-from engine import wire
 from engine.decode import DecodeError, decode_image
 from engine.pipeline import EmbedResult, Panorama, read_bytes
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
-from engine.server_config import DEFAULT_MAX_MESSAGE_BYTES
+from engine.serve import wire
+from engine.serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from engine.views import DEFAULT_SIZE, view_set
 from kernels import ViewSpec
 

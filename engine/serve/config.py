@@ -1,4 +1,4 @@
-"""The gRPC server's settings (``engine.server.ServerConfig``), apart so that building the CLI stays light."""
+"""The gRPC server's settings (``engine.serve.server.ServerConfig``), apart so that building the CLI stays light."""
 
 from __future__ import annotations
 

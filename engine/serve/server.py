@@ -1,6 +1,6 @@
 """The gRPC service (``mimetic serve``): a thin shell around one Engine, on grpc.aio.
 
-    from engine.server import ServerConfig, serve, BackgroundServer
+    from engine.serve.server import ServerConfig, serve, BackgroundServer
     serve(ServerConfig(port=50051, metrics_port=9100), lambda: Engine(EngineConfig(...)))   # until SIGTERM
     with BackgroundServer(engine, ServerConfig(port=0)) as server:                            # tests, notebooks
         MimeticClient(server.address).embed(...)
@@ -25,7 +25,7 @@ One item's way through, top to bottom:
    thread never waits for bytes held by the items queued behind it.
 3. **Queue**: one queue for every stream, bounded by ``max_queue`` items; a full queue holds the
    streams' readers back.
-4. **Batch** (``engine.batching``): a single worker thread takes items from the queue when the
+4. **Batch** (``engine.serve.batching``): a single worker thread takes items from the queue when the
    Engine is free: up to ``max_batch`` views, waiting at most ``max_delay_ms`` after the first item
    for others, from any stream. Items whose deadline passed while queued, or whose stream went
    away, are dropped here, before the model, with DEADLINE_EXCEEDED (or nothing, for a stream that
@@ -87,8 +87,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
-from engine import wire
-from engine.batching import Batcher
 from engine.budget import DecodeBudget, Reservation, give_freed_images_back_to_the_os
 from engine.decode import (
     DecodeError,
@@ -102,7 +100,9 @@ from engine.decode import (
 from engine.pipeline import EmbedResult, Engine, Panorama, check_equirectangular
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
-from engine.server_config import ServerConfig
+from engine.serve import wire
+from engine.serve.batching import Batcher
+from engine.serve.config import ServerConfig
 from engine.views import PRESETS, view_set
 from kernels import ViewSpec, reproject
 from kernels.geometry import wrap_degrees
