@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from engine.ingest import job as ingest_module
 from engine.config import EngineConfig
+from engine.ingest import job as ingest_module
 from engine.ingest.job import ingest
 from engine.models.tiny import make_tiny_clip
 

@@ -342,7 +342,7 @@ def test_a_changed_configuration_is_refused_with_what_differs(reference_run, cit
 
     # The command says it and exits with status 2.
     parser = argparse.ArgumentParser()
-    from engine import ingest_cli
+    from engine.ingest import cli as ingest_cli
 
     ingest_cli.add_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["ingest", str(dump), "--out", str(reference_run), "--metadata", str(metadata),
@@ -498,6 +498,6 @@ def test_random_weights_are_the_same_in_every_process(tmp_path, caplog):
 
 
 def test_the_command_line_default_shard_size_is_the_library_one():
-    from engine import ingest_cli
+    from engine.ingest import cli as ingest_cli
 
     assert ingest_cli.DEFAULT_SHARD_SIZE == ingest_module.DEFAULT_SHARD_SIZE

@@ -20,7 +20,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from engine import EngineConfig, ingest_cli
+from engine import EngineConfig
+from engine.ingest import cli as ingest_cli
 from engine.ingest import job as ingest_module
 from engine.ingest.job import (
     InputError,

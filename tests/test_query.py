@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import ingest_cli
+from engine.ingest import cli as ingest_cli
 from engine.ingest.job import InputItem, RunFolder, build_shard, ingest, read_run
 from engine.ingest.query import query
 from engine.models.tiny import make_tiny_clip

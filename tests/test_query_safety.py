@@ -11,7 +11,7 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
-from engine import ingest_cli
+from engine.ingest import cli as ingest_cli
 from engine.ingest.job import InputItem, RunFolder, build_shard, ingest
 from engine.ingest.query import QueryResult, format_results, printable, write_results
 from engine.models.tiny import make_tiny_clip

@@ -23,10 +23,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import Engine, EngineConfig, Panorama, wire
+from engine import Engine, EngineConfig, Panorama
 from engine.models.tiny import make_tiny_clip
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
+from engine.serve import wire
 from engine.serve.client import AsyncMimeticClient, MimeticClient
 from engine.serve.server import SERVICE_NAME, BackgroundServer, ServerConfig
 
