@@ -51,6 +51,7 @@ at a time falling back to this module's CPU decoder, and returns errors in place
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -110,22 +111,30 @@ def decode_image(
         raise ValueError(f"min_width must be a positive int or None, got {min_width!r}")
     if isinstance(source, np.ndarray):
         return _from_array(source, name or "<array>", max_pixels)
+    with _encoded(source, name, "decode_image") as (stream, item):
+        return _from_pil(stream, item, max_pixels, min_width)
+
+
+@contextlib.contextmanager
+def _encoded(source, name: str | None, caller: str):
+    """(a binary stream, the item's name) for encoded bytes or a path; empty or unreadable input is a DecodeError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         item = name or f"<{len(source)} bytes>"
         if len(source) == 0:
             raise DecodeError(item, "empty input (0 bytes)")
-        return _from_pil(io.BytesIO(source), item, max_pixels, min_width)
-    if isinstance(source, (str, os.PathLike)):
-        item = name or os.fspath(source)
-        try:
-            stream = open(source, "rb")  # closed by the with below
-        except OSError as exc:
-            raise DecodeError(item, f"cannot read the file ({exc.strerror or exc})") from exc
-        with stream:
-            if os.fstat(stream.fileno()).st_size == 0:
-                raise DecodeError(item, "empty file (0 bytes)")
-            return _from_pil(stream, item, max_pixels, min_width)
-    raise TypeError(f"decode_image takes a path, bytes or a numpy array, got {type(source).__name__}")
+        yield io.BytesIO(source), item
+        return
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{caller} takes a path, bytes or a numpy array, got {type(source).__name__}")
+    item = name or os.fspath(source)
+    try:
+        stream = open(source, "rb")  # closed by the with below
+    except OSError as exc:
+        raise DecodeError(item, f"cannot read the file ({exc.strerror or exc})") from exc
+    with stream:
+        if os.fstat(stream.fileno()).st_size == 0:
+            raise DecodeError(item, "empty file (0 bytes)")
+        yield stream, item
 
 
 def check_pixels(item: str, width: int, height: int, max_pixels: int | None) -> None:
@@ -242,22 +251,8 @@ def read_header(source, *, name: str | None = None) -> ImageHeader:
     if isinstance(source, np.ndarray):
         height, width = source.shape[:2] if source.ndim >= 2 else (0, 0)
         return ImageHeader(width, height, None, (width, height))
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        item = name or f"<{len(source)} bytes>"
-        if len(source) == 0:
-            raise DecodeError(item, "empty input (0 bytes)")
-        return _header(io.BytesIO(source), item)
-    if isinstance(source, (str, os.PathLike)):
-        item = name or os.fspath(source)
-        try:
-            stream = open(source, "rb")  # closed by the with below
-        except OSError as exc:
-            raise DecodeError(item, f"cannot read the file ({exc.strerror or exc})") from exc
-        with stream:
-            if os.fstat(stream.fileno()).st_size == 0:
-                raise DecodeError(item, "empty file (0 bytes)")
-            return _header(stream, item)
-    raise TypeError(f"read_header takes a path, bytes or a numpy array, got {type(source).__name__}")
+    with _encoded(source, name, "read_header") as (stream, item):
+        return _header(stream, item)
 
 
 def _header(stream, item: str) -> ImageHeader:
