@@ -26,7 +26,10 @@ from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama
 from engine.ingest import job as ingest_module
-from engine.ingest.job import InputError, RunFolder, RunMismatchError, canonical_fields, ingest, list_inputs, read_run
+from engine.ingest import run as run_module
+from engine.ingest.inputs import InputError, RunMismatchError, canonical_fields, list_inputs
+from engine.ingest.job import ingest
+from engine.ingest.run import RunFolder, read_run
 from engine.models.tiny import make_tiny_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +299,7 @@ CRASH_POINTS = [(op, n, when) for op, calls in (("write_table", 5), ("replace", 
 def test_a_crash_at_any_commit_step_then_resume_gives_exactly_the_same_rows(tmp_path, little, engine, monkeypatch, op, n, when):
     dump, metadata, expected = little
     out = tmp_path / "run"
-    real = {"write_table": ingest_module.pq.write_table, "replace": os.replace}
+    real = {"write_table": run_module.pq.write_table, "replace": os.replace}
     calls = {"count": 0}
 
     def crashing(*args, **kwargs):
@@ -311,9 +314,9 @@ def test_a_crash_at_any_commit_step_then_resume_gives_exactly_the_same_rows(tmp_
         raise Crash
 
     if op == "write_table":
-        monkeypatch.setattr(ingest_module.pq, "write_table", crashing)
+        monkeypatch.setattr(run_module.pq, "write_table", crashing)
     else:
-        monkeypatch.setattr(ingest_module.os, "replace", crashing)
+        monkeypatch.setattr(run_module.os, "replace", crashing)
     with pytest.raises(Crash):
         ingest(dump, out, engine=engine, metadata=[metadata], shard_size=3, quiet=True)
     monkeypatch.undo()
@@ -483,7 +486,8 @@ def test_the_progress_bar_shows_panoramas_views_per_second_and_errors(tmp_path, 
 def test_random_weights_are_the_same_in_every_process(tmp_path, caplog):
     """--random-weights is seeded, so a resumed run, a Ray actor and a query all see one model; the seed
     is in the run's fingerprint, since another seed is another model."""
-    from engine.ingest.job import config_fingerprint, make_engine
+    from engine.ingest.job import make_engine
+    from engine.ingest.run import config_fingerprint
 
     config = EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=(), device="cpu")
     first = make_engine(config).embed_text(["a street"])

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from engine.ingest import cli as ingest_cli
-from engine.ingest.job import InputItem, RunFolder, build_shard, ingest, read_run
+from engine.ingest.inputs import InputItem
+from engine.ingest.job import build_shard, ingest
 from engine.ingest.query import query
+from engine.ingest.run import RunFolder, read_run
 from engine.models.tiny import make_tiny_clip
 from engine.pipeline import EmbedResult
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from engine.ingest import cli as ingest_cli
-from engine.ingest.job import InputItem, RunFolder, build_shard, ingest
+from engine.ingest.inputs import InputItem
+from engine.ingest.job import build_shard, ingest
 from engine.ingest.query import QueryResult, format_results, printable, write_results
+from engine.ingest.run import RunFolder
 from engine.models.tiny import make_tiny_clip
 from engine.pipeline import EmbedResult
 

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int | None:
 def _ingest(args: argparse.Namespace) -> int:
     from engine.budget import give_freed_images_back_to_the_os
     from engine.cli import config_from_args
-    from engine.ingest.job import InputError, RunMismatchError, RunWriteError, ingest
+    from engine.ingest.inputs import InputError, RunMismatchError, RunWriteError
+    from engine.ingest.job import ingest
 
     give_freed_images_back_to_the_os()  # peak memory follows the decode budget, not the decode threads
 
@@ -128,7 +129,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from engine.ingest.job import InputError
+    from engine.ingest.inputs import InputError
     from engine.ingest.query import format_results, query, slug, write_results
 
     try:

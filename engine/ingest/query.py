@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import EngineConfig
-from engine.ingest.job import RunFolder, committed_parts, make_engine
+from engine.ingest.job import make_engine
+from engine.ingest.run import RunFolder, committed_parts
 from engine.results import write_csv
 
 COLUMNS = {

@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import EngineConfig
+from engine.ingest.inputs import InputItem
 from engine.ingest.job import (
     DEFAULT_SHARD_SIZE,
-    InputItem,
     Progress,
-    RunFolder,
     build_shard,
     embed_in_order,
     make_engine,
@@ -56,6 +55,7 @@ from engine.ingest.job import (
     shard_items,
     write_summary,
 )
+from engine.ingest.run import RunFolder
 
 SHARD_ATTEMPTS = 2  # a shard that failed as a whole is tried once more, on a new actor pool
 # Ray notices that restate a choice made here (logger name, message start): not shown unless verbose.
