@@ -11,7 +11,7 @@ under load a batch fills at once from what queued meanwhile (up to ``max_batch``
 the first item waits at most ``max_delay_s`` for company. That is the whole policy: no reordering,
 first come first served across streams.
 
-An item (``engine.serve.server.Item``) has ``engine`` (the Engine, or a copy of it with other views: one
+An item (``engine.serve.stream.Item``) has ``engine`` (the Engine, or a copy of it with other views: one
 engine call per distinct one in a batch), ``panorama``, ``views`` (its view count), ``deadline``
 (time.monotonic(), or None), ``finished`` (its stream went away), ``queued_at``, ``read_at`` and
 ``item_id``. Items that are finished, or whose deadline has passed, are dropped before the model, the

@@ -1,0 +1,557 @@
+"""The gRPC service: the four RPCs over one Engine (see ``engine.serve.server``)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import copy
+import io
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import torch
+from google.rpc import code_pb2
+from PIL import Image
+
+from engine.budget import DecodeBudget
+from engine.decode import (
+    DecodeError,
+    ImageTooLargeError,
+    check_pixels,
+    decode_cost,
+    decode_image,
+    read_header,
+    required_width,
+)
+from engine.pipeline import Engine, Panorama, check_equirectangular
+from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
+from engine.serve import wire
+from engine.serve.answers import Answers, _status
+from engine.serve.batching import Batcher
+from engine.serve.config import ServerConfig
+from engine.serve.metrics import Metrics
+from engine.serve.pool import DaemonPool
+from engine.serve.stream import _DRAINING, Item, ItemError, Stream, _Holds
+from engine.views import PRESETS, view_set
+from kernels import ViewSpec, reproject
+from kernels.geometry import wrap_degrees
+
+DEFAULT_THUMBNAIL_SIZE = 128
+MAX_TEXTS = 4096  # per EmbedText call
+_VARIANTS_KEPT = 16  # view sets other than the server's, each a shallow copy of the Engine
+
+
+# -- the service ----------------------------------------------------------------------------------
+
+
+class MimeticService(Answers, pb_grpc.MimeticServicer):
+    """The four RPCs over one Engine. Runs on one event loop; the Engine runs in the Batcher's thread."""
+
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics, draining: asyncio.Event, dream_handler=None):
+        # The one budget of decoded bytes for the whole server (every stream, every view set) is the
+        # Engine's. The server admits every item against it before the item reaches a batch; the
+        # Engine copy that embeds the batches admits nothing again, so that the engine thread never
+        # waits for bytes held by items queued behind it (a deadlock), nor counts an item twice.
+        self.holds = _Holds(engine.decode_budget)
+        metrics.watch_budget(engine.decode_budget)
+        self.engine = copy.copy(engine)
+        self.engine.decode_budget = DecodeBudget(sys.maxsize)
+        self.config = config
+        self.metrics = metrics
+        self.dream_handler = dream_handler
+        self.draining = draining
+        self.cut = asyncio.Event()  # the grace period is over: every stream still open ends now
+        self.max_batch = config.max_batch or engine.config.batch_size
+        self.in_flight = 0  # requests read and not yet answered, over every stream
+        self.streams: set[Stream] = set()
+        self.open_streams = 0  # Embed and Dream calls between their admission and their very end
+        self.idle = asyncio.Event()  # no open Embed or Dream call
+        self.idle.set()
+        self.loop = asyncio.get_running_loop()
+        # Decoding runs in threads next to the model (PIL and the kernels release the GIL).
+        self.decode_pool = DaemonPool(engine.config.decode_workers, "mimetic-decode")
+        self.text_pool = DaemonPool(1, "mimetic-text")
+        # On CUDA the Engine decodes JPEG groups with nvJPEG: leave them encoded, read only their header.
+        self.decode_here = not getattr(engine, "decode_on_device", False)
+        self.batcher = Batcher(
+            self.loop, max_batch=self.max_batch, max_delay_s=config.max_delay_ms / 1e3, max_queue=config.max_queue,
+            metrics=metrics, on_result=self._on_result, on_error=self._on_error, on_drop=self.holds.release,
+        )
+        self._variants: collections.OrderedDict[tuple, Engine] = collections.OrderedDict()
+        self._default_key = self._views_key(engine.views)
+        self._labels = {name: list(v.labels) for name, v in engine.vocabularies.items()}
+
+    def close(self) -> None:
+        """Stop the workers without waiting for them, and give back every byte still held in the budget."""
+        self.batcher.close()
+        self.decode_pool.shutdown(cancel_futures=True)
+        self.text_pool.shutdown(cancel_futures=True)
+        self.holds.release_all()
+
+    # -- GetInfo / EmbedText ------------------------------------------------------------------
+
+    def limits(self) -> pb.Limits:
+        c = self.config
+        return pb.Limits(
+            max_in_flight=c.max_in_flight, max_queue=c.max_queue, max_batch_views=self.max_batch,
+            max_delay_ms=c.max_delay_ms, max_message_bytes=c.max_message_bytes, max_pixels=self.engine.config.max_pixels,
+            max_views=c.max_views, max_thumbnail_size=c.max_thumbnail_size, max_streams=c.max_streams,
+            max_decode_bytes=self.holds.budget.limit, idle_timeout_s=c.idle_timeout_s,
+        )
+
+    async def GetInfo(self, request, context):
+        self.metrics.requests.labels("GetInfo", "OK").inc()
+        return wire.info_to_proto(
+            self.engine.info(), limits=self.limits(), dream=self.dream_handler is not None,
+            view_presets=PRESETS, vocabulary_labels=self._labels,
+        )
+
+    async def EmbedText(self, request, context):
+        texts = list(request.texts)
+        if not texts or len(texts) > MAX_TEXTS:
+            code = grpc.StatusCode.INVALID_ARGUMENT if not texts else grpc.StatusCode.RESOURCE_EXHAUSTED
+            self.metrics.requests.labels("EmbedText", code.name).inc()
+            await context.abort(code, f"EmbedText takes 1 to {MAX_TEXTS} texts, got {len(texts)}")
+        embeddings = await self.loop.run_in_executor(self.text_pool, self.engine.embed_text, texts)
+        self.metrics.requests.labels("EmbedText", "OK").inc()
+        return pb.EmbedTextResponse(embeddings=wire.tensor_to_proto(embeddings))
+
+    # -- the stream limit, idleness and the end of the grace period ------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _stream_slot(self, method: str, context):
+        """Admit an Embed or Dream stream (the token was checked before: a refused call never gets here)."""
+        if self.draining.is_set():
+            self.metrics.requests.labels(method, "UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining: send this stream elsewhere or later")
+        if self.open_streams >= self.config.max_streams:
+            self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server has {self.open_streams} Embed and Dream streams open, its limit (--max-streams "
+                f"{self.config.max_streams}): finish one, or retry later or elsewhere",
+            )
+        self.open_streams += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:  # after the call's own status was sent (abort sends it before it raises)
+            self.open_streams -= 1
+            if not self.open_streams:
+                self.idle.set()
+
+    def _idle_message(self) -> str:
+        return (
+            f"the stream was idle for {self.config.idle_timeout_s:g} s (nothing in flight, nothing sent): the server "
+            "ended it (--idle-timeout); open a new stream when there is more to send"
+        )
+
+    def _arm_idle(self, stream: Stream) -> None:
+        """Nothing is in flight on the stream: it may stay silent for idle_timeout_s, no longer."""
+        if stream.idle_timer is None and not stream.held and not stream.ended:
+            stream.idle_timer = self.loop.call_later(self.config.idle_timeout_s, self._end_idle, stream)
+
+    def _disarm_idle(self, stream: Stream) -> None:
+        if stream.idle_timer is not None:
+            stream.idle_timer.cancel()
+            stream.idle_timer = None
+
+    def _end_idle(self, stream: Stream) -> None:
+        stream.idle_timer = None
+        if stream.held or stream.ended:
+            return
+        stream.ended_by = "idle"
+        stream.reader.cancel()  # its finally ends the stream: nothing is unanswered
+
+    def cut_all(self) -> None:
+        """The grace period is over: every stream still open ends now with the server's own UNAVAILABLE."""
+        self.cut.set()
+        for stream in list(self.streams):
+            if not stream.ended:
+                stream.ended_by = "grace"
+                self.metrics.requests.labels("Embed", "UNAVAILABLE").inc(stream.unanswered)  # read, never answered
+                self._abandon(stream)
+                stream.end_now()
+
+    async def _unless(self, event: asyncio.Event, awaitable):
+        """The awaitable's result, or ``_DRAINING`` when ``event`` is set first (the awaitable is then cancelled)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            return _DRAINING
+        finally:  # also when the caller itself is cancelled: leave nothing waiting behind
+            stop.cancel()
+            task.cancel()
+
+    # -- Dream: the extension point for the diffusion engine -----------------------------------
+
+    async def Dream(self, request_iterator, context):
+        """``dream_handler.dream(DreamRequest) -> DreamResponse``, one request at a time in a worker thread.
+
+        Without a handler (the diffusion engine arrives with its own issue), the call is UNIMPLEMENTED.
+        A ValueError from the handler is the item's INVALID_ARGUMENT, anything else its INTERNAL; the
+        stream goes on either way. Like Embed, a Dream stream counts against max_streams, is ended when
+        idle, reads nothing more once the server drains and is cut at the end of the grace period.
+        """
+        if self.dream_handler is None:
+            self.metrics.requests.labels("Dream", "UNIMPLEMENTED").inc()
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "Dream needs a diffusion engine and this server has none (MimeticServer(..., dream_handler=...)); Embed, "
+                "EmbedText and GetInfo are served",
+            )
+        async with self._stream_slot("Dream", context):
+            iterator, answered = aiter(request_iterator), 0
+            while True:
+                try:
+                    request = await self._unless(self.draining, asyncio.wait_for(anext(iterator, None), self.config.idle_timeout_s))
+                except asyncio.TimeoutError:
+                    self.metrics.requests.labels("Dream", "DEADLINE_EXCEEDED").inc()
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._idle_message())
+                if request is None:
+                    return
+                if request is _DRAINING:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the server is draining: the {answered} requests it read were answered and no more are read; "
+                        "send the others again, elsewhere or later",
+                    )
+                try:
+                    work = self.loop.run_in_executor(self.text_pool, self.dream_handler.dream, request)
+                    response = await self._unless(self.cut, work)
+                    if response is _DRAINING:
+                        self.metrics.requests.labels("Dream", "UNAVAILABLE").inc()
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_message(answered))
+                    response.request_id = request.request_id
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    code = code_pb2.INVALID_ARGUMENT if isinstance(exc, ValueError) else code_pb2.INTERNAL
+                    response = pb.DreamResponse(request_id=request.request_id, id=request.id, status=_status(code, str(exc)))
+                self.metrics.requests.labels("Dream", code_pb2.Code.Name(response.status.code)).inc()
+                await context.write(response)
+                answered += 1
+
+    def _cut_message(self, answered: int) -> str:
+        return (
+            f"the server is draining and its grace period of {self.config.grace_s:g} s is over: this stream was cut after "
+            f"{answered} answers; send the unanswered requests again, elsewhere or later"
+        )
+
+    # -- Embed ---------------------------------------------------------------------------------
+
+    async def Embed(self, request_iterator, context):
+        async with self._stream_slot("Embed", context):
+            await self._embed(request_iterator, context)
+
+    async def _embed(self, request_iterator, context) -> None:
+        stream = Stream(self.config.max_in_flight)
+        self.streams.add(stream)
+        self.metrics.streams.inc()
+        remaining = context.time_remaining()
+        call_deadline = time.monotonic() + remaining if remaining is not None else None
+        stream.reader = asyncio.create_task(self._read(request_iterator, stream, call_deadline))
+        self._arm_idle(stream)
+        try:
+            while (response := await stream.responses.get()) is not None:
+                await context.write(response)
+                stream.answered += 1
+                self._release(stream)
+        finally:
+            stream.reader.cancel()
+            self._abandon(stream)
+        if stream.failure is not None:
+            await context.abort(grpc.StatusCode.INTERNAL, f"the server failed reading the stream: {stream.failure!r}")
+        if stream.ended_by == "idle":
+            self.metrics.requests.labels("Embed", "DEADLINE_EXCEEDED").inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._idle_message())
+        if stream.ended_by == "grace":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_message(stream.answered))
+        if stream.cut_by_drain:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server is draining: the {stream.answered} requests it read were answered and no more are read; "
+                "send the others again, elsewhere or later",
+            )
+
+    def _release(self, stream: Stream) -> None:
+        stream.held -= 1
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+        stream.slots.release()
+        self._arm_idle(stream)
+
+    def _abandon(self, stream: Stream) -> None:
+        """The call ended (done, cancelled, cut or failed): free its slots; items still on their way are skipped.
+
+        An item still being admitted gives its bytes back when its task ends (after its decode thread,
+        if one is running); one already queued, when the batch worker drops it or its result arrives.
+        """
+        self._disarm_idle(stream)
+        for item in stream.items.values():
+            item.finished = True
+        stream.items.clear()
+        for task in stream.tasks:
+            task.cancel()
+        self.in_flight -= stream.held
+        self.metrics.in_flight.dec(stream.held)
+        stream.held = 0
+        if stream in self.streams:
+            self.streams.discard(stream)
+            self.metrics.streams.dec()
+
+    async def _read(self, requests, stream: Stream, call_deadline: float | None) -> None:
+        """Read a request only while a slot is free; start its check-and-decode task; stop when draining."""
+        iterator = aiter(requests)
+
+        async def next_request():
+            try:
+                return await anext(iterator)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while True:
+                if await self._unless(self.draining, stream.slots.acquire()) is _DRAINING:
+                    stream.cut_by_drain = True
+                    return
+                request = await self._unless(self.draining, next_request())
+                if request is _DRAINING or request is None:
+                    stream.slots.release()
+                    stream.cut_by_drain = request is _DRAINING
+                    stream.half_closed = request is None
+                    return
+                self._disarm_idle(stream)
+                stream.held += 1
+                stream.unanswered += 1
+                self.in_flight += 1
+                self.metrics.in_flight.inc()
+                task = asyncio.create_task(self._admit(stream, request, call_deadline))
+                stream.tasks.add(task)
+                task.add_done_callback(stream.tasks.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken stream: end it with INTERNAL once what was read is answered
+            stream.failure = exc
+        finally:
+            stream.reading = False
+            stream.maybe_end()
+
+    async def _admit(self, stream: Stream, request: pb.EmbedRequest, call_deadline: float | None) -> None:
+        read_at = time.monotonic()
+        request_id = request.request_id
+        item_id = request.id or request_id
+        if not request_id or request_id in stream.items:
+            problem = "is empty" if not request_id else "is already in flight on this stream"
+            self._answer(
+                stream, request, item_id, read_at, code_pb2.INVALID_ARGUMENT,
+                f"{item_id or '<no id>'}: request_id {problem}; each request needs one, unique among those in flight",
+            )
+            return
+        item = Item(stream, request, request_id, item_id, read_at)
+        stream.items[request_id] = item  # before any await: a repeated request_id is seen at once
+        try:
+            self._parse(item, call_deadline)
+            cost = await self._in_decode_pool(item, self._measure)
+            await self._take(item, cost)
+            item.panorama = await self._in_decode_pool(item, self._prepare)
+            item.decode_s = time.monotonic() - read_at  # the header, the wait for the budget, the decode
+            if not item.finished:
+                await self.batcher.put(item)  # from here on the batch worker or the answer lets it go
+                return
+        except ItemError as exc:
+            self._on_error(item, exc.code, str(exc))
+            return
+        except ImageTooLargeError as exc:  # BudgetExceededError: its cost alone is over the whole budget
+            self._on_error(item, code_pb2.RESOURCE_EXHAUSTED, str(exc))
+            return
+        except asyncio.CancelledError:  # its stream went away
+            if not item.in_thread:  # else the decode thread lets go when it ends
+                self.holds.release(item)
+            raise
+        except Exception as exc:  # not the input's fault: this item fails, the stream goes on
+            self._on_error(item, code_pb2.INTERNAL, f"{item_id}: the server failed on it ({type(exc).__name__}: {exc})")
+            return
+        self.holds.release(item)  # its stream went away while it was admitted
+
+    async def _in_decode_pool(self, item: Item, work: Callable[[Item], object]):
+        """``work(item)`` in a decode thread. Cancelled, the thread cannot be stopped: what it decodes stays
+        held in the budget until it ends, and is given back then."""
+        future = self.decode_pool.submit(work, item)
+        item.in_thread = True
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda _: self.holds.release(item))
+            raise
+        finally:
+            item.in_thread = False
+
+    async def _take(self, item: Item, cost: int) -> None:
+        """Wait for the item's turn in the decode budget (first come, first served, over every stream)."""
+        try:
+            await self.holds.take(item, cost, item.deadline)
+        except asyncio.TimeoutError:
+            raise ItemError(
+                code_pb2.DEADLINE_EXCEEDED,
+                f"{item.item_id}: its deadline passed after {1e3 * (time.monotonic() - item.read_at):.0f} ms while it waited "
+                "for room in the decode budget; it was dropped before decoding",
+            ) from None
+
+    def _parse(self, item: Item, call_deadline: float | None) -> None:
+        """Check the request's parameters against the Engine and the limits; fill in the item."""
+        request, name = item.request, item.item_id
+        item.engine = self._engine_for(request, name)
+        if item.views > self.config.max_views:
+            raise ItemError(code_pb2.RESOURCE_EXHAUSTED, f"{name}: {item.views} views, over the limit of {self.config.max_views} per item")
+        known = self.engine.vocabularies
+        unknown = [v for v in request.vocabularies if v not in known]
+        if unknown:
+            raise ItemError(
+                code_pb2.INVALID_ARGUMENT,
+                f"{name}: unknown vocabularies {unknown}; this server reads {sorted(known) or 'none'}",
+            )
+        item.vocabularies = tuple(request.vocabularies) or tuple(known)
+        server_k = self.engine.config.top_k
+        if request.top_k > server_k:
+            raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: top_k {request.top_k} is over the server's top_k of {server_k}")
+        item.top_k = request.top_k or server_k
+        outputs = frozenset(request.outputs) - {pb.OUTPUT_UNSPECIFIED}
+        if any(o not in pb.Output.values() for o in outputs):
+            raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: unknown output in {sorted(request.outputs)}")
+        item.outputs = outputs or wire.DEFAULT_OUTPUTS
+        size = request.thumbnail_size or DEFAULT_THUMBNAIL_SIZE
+        if pb.OUTPUT_THUMBNAILS in item.outputs and size > self.config.max_thumbnail_size:
+            raise ItemError(
+                code_pb2.RESOURCE_EXHAUSTED, f"{name}: thumbnail_size {size} is over the limit of {self.config.max_thumbnail_size}"
+            )
+        if not math.isfinite(request.yaw_offset):
+            raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: yaw_offset must be finite, got {request.yaw_offset}")
+        deadlines = [d for d in (call_deadline, item.read_at + request.timeout_ms / 1e3 if request.timeout_ms else None) if d]
+        item.deadline = min(deadlines) if deadlines else None
+
+    @staticmethod
+    def _views_key(views: list[ViewSpec]) -> tuple:
+        return tuple((v.yaw, v.pitch, v.roll, v.fov) for v in views)
+
+    def _engine_for(self, request: pb.EmbedRequest, name: str) -> Engine:
+        """The Engine itself, or a shallow copy of it with the request's views (sharing its model)."""
+        selection = request.WhichOneof("view_selection")
+        if selection is None:
+            return self.engine
+        height, width = self.engine.clip.image_size
+        try:
+            if selection == "view_preset":
+                views = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, width, height) for v in view_set(request.view_preset, size=width)]
+            else:
+                count = len(request.views.views)
+                if count > self.config.max_views:
+                    raise ItemError(code_pb2.RESOURCE_EXHAUSTED, f"{name}: {count} views, over the limit of {self.config.max_views} per item")
+                if not count:
+                    raise ValueError("an empty view list")
+                for v in request.views.views:
+                    if (v.width, v.height) not in ((0, 0), (width, height)):
+                        raise ValueError(f"views are cut at the model's input size {width}x{height}; leave width and height 0")
+                views = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov or 90.0, width, height) for v in request.views.views]
+        except (ValueError, KeyError) as exc:
+            raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: bad views: {exc}") from None
+        key = self._views_key(views)
+        if key == self._default_key:
+            return self.engine
+        variant = self._variants.get(key)
+        if variant is None:
+            variant = copy.copy(self.engine)
+            variant.views = views
+            variant.min_decode_width = required_width(views)
+            self._variants[key] = variant
+            if len(self._variants) > _VARIANTS_KEPT:
+                self._variants.popitem(last=False)
+        self._variants.move_to_end(key)
+        return variant
+
+    def _decodes_here(self, item: Item) -> bool:
+        return self.decode_here or pb.OUTPUT_THUMBNAILS in item.outputs
+
+    def _measure(self, item: Item) -> int:
+        """In a decode thread: the image's header alone -> the pixel limit, the 2:1 shape (of the file's own
+        size, before any reduced decoding) and the bytes decoding it takes, to admit it against the budget."""
+        request, name, engine = item.request, item.item_id, item.engine
+        max_pixels = engine.config.max_pixels
+        try:
+            kind = request.image.WhichOneof("data")
+            if kind == "raw":
+                raw = request.image.raw
+                height, width, channels = raw.height, raw.width, raw.channels
+                if channels not in (1, 3, 4) or not height or not width:
+                    raise DecodeError(name, f"raw image must be (H, W, C) with H, W > 0 and C in 1, 3, 4, got {height}x{width}x{channels}")
+                check_pixels(name, width, height, max_pixels)
+                if len(raw.data) != height * width * channels:
+                    raise DecodeError(name, f"raw image of {height}x{width}x{channels} needs {height * width * channels} bytes, got {len(raw.data)}")
+                check_equirectangular(name, (height, width))
+                return 3 * width * height  # the RGB array it becomes: already uncompressed, it costs its size
+            if kind != "encoded":
+                raise DecodeError(name, "no image in the request (set image.encoded or image.raw)")
+            header = read_header(request.image.encoded, name=name)
+            check_pixels(name, header.width, header.height, max_pixels)
+            check_equirectangular(name, (header.height, header.width))
+            # Decoded here, a JPEG is reduced by DCT scaling; on CUDA the Engine decodes it at full size.
+            return decode_cost(header, min_width=engine.min_decode_width if self._decodes_here(item) else None)
+        except ImageTooLargeError as exc:
+            raise ItemError(code_pb2.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DecodeError as exc:
+            raise ItemError(code_pb2.INVALID_ARGUMENT, str(exc)) from None
+
+    def _prepare(self, item: Item) -> Panorama:
+        """In a decode thread, once admitted: the request's image -> a checked Panorama for the Engine (and
+        thumbnails); the item's hold in the budget shrinks to the array it keeps."""
+        request, name, engine = item.request, item.item_id, item.engine
+        max_pixels = engine.config.max_pixels
+        try:
+            if request.image.WhichOneof("data") == "raw":
+                data = self._raw(request.image.raw, name, max_pixels)
+            elif self._decodes_here(item):
+                data = decode_image(request.image.encoded, name=name, max_pixels=max_pixels, min_width=engine.min_decode_width)
+            else:
+                data = request.image.encoded  # the Engine decodes it with nvJPEG, in its batch
+            if isinstance(data, np.ndarray):
+                check_equirectangular(name, data.shape)
+                self.holds.shrink(item, data.nbytes)  # the decoder's scratch is gone
+                if pb.OUTPUT_THUMBNAILS in item.outputs:
+                    item.thumbnails = self._thumbnails(data, engine.views, request)
+        except ImageTooLargeError as exc:
+            raise ItemError(code_pb2.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DecodeError as exc:
+            raise ItemError(code_pb2.INVALID_ARGUMENT, str(exc)) from None
+        return Panorama(id=name, data=data, meta={}, yaw_offset=request.yaw_offset)
+
+    @staticmethod
+    def _raw(raw: pb.RawImage, name: str, max_pixels: int) -> np.ndarray:
+        """A raw image (checked by ``_measure``) -> uint8 (H, W, 3); three channels are read in place."""
+        array = np.frombuffer(raw.data, dtype=np.uint8).reshape(raw.height, raw.width, raw.channels)
+        return decode_image(array[..., 0] if raw.channels == 1 else array, name=name, max_pixels=max_pixels)
+
+    @staticmethod
+    def _thumbnails(pano: np.ndarray, views: list[ViewSpec], request: pb.EmbedRequest) -> list[bytes]:
+        size = request.thumbnail_size or DEFAULT_THUMBNAIL_SIZE
+        small = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, size, max(1, round(size * v.height / v.width))) for v in views]
+        with warnings.catch_warnings():  # the kernel only reads the (possibly read-only) array
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(pano)
+        out = reproject([tensor], small, out_dtype=torch.uint8, layout="NHWC",
+                        yaw_offsets=torch.tensor([wrap_degrees(request.yaw_offset)], dtype=torch.float64))
+        thumbnails = []
+        for view in out[0].numpy():
+            buffer = io.BytesIO()
+            Image.fromarray(view).save(buffer, format="JPEG", quality=85)
+            thumbnails.append(buffer.getvalue())
+        return thumbnails
