@@ -12,26 +12,11 @@ import torch
 from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama, cli
-from engine.dream.core import (
-    DreamParams,
-    Keyframe,
-    LoopParams,
-    LoopResult,
-    WalkParams,
-    check_keyframes,
-    clip_embed,
-    count_mp4_frames,
-    dream,
-    fit_square,
-    from_uint8,
-    loop,
-    save_dreams,
-    save_loop,
-    save_walk,
-    slerp,
-    text_embed,
-    walk,
-)
+from engine.dream.core import clip_embed, count_mp4_frames, from_uint8, text_embed
+from engine.dream.dream import dream, save_dreams
+from engine.dream.loop import LoopResult, fit_square, loop, save_loop
+from engine.dream.params import DreamParams, LoopParams, WalkParams
+from engine.dream.walk import Keyframe, check_keyframes, save_walk, slerp, walk
 from engine.models.diffusion import DiffusionModelError, Dreamer, check_size, clean_from_model_output
 from engine.models.tiny import make_tiny_clip
 from engine.models.tiny_sd import make_tiny_sd
@@ -453,9 +438,22 @@ def test_cli_loop_shows_a_progress_bar_on_stderr_and_quiet_hides_it(models, smal
     assert "iterations [" not in quiet.stderr and "%|" not in quiet.stderr
 
 
-def test_cli_dream_and_walk_progress_count_views_and_frames(models, small, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # draw every update, however fast the tiny model is
-    monkeypatch.setenv("TQDM_MINITERS", "1")  # and never skip one: tqdm's dynamic miniters grow under load
+@pytest.fixture
+def every_redraw(monkeypatch):
+    """tqdm bars that draw every update, however fast the tiny model is, and never skip one under load.
+
+    TQDM_MININTERVAL and TQDM_MINITERS do not do this: tqdm reads them once, when it is first imported,
+    so they had no effect whenever an earlier test in the same worker had imported it."""
+    import tqdm
+
+    class EveryUpdate(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})
+
+    monkeypatch.setattr(tqdm, "tqdm", EveryUpdate)
+
+
+def test_cli_dream_and_walk_progress_count_views_and_frames(models, small, tmp_path, capsys, every_redraw):
     Image.fromarray(small["louvre"]).save(tmp_path / "louvre.jpg")
     status = mimetic("dream", str(tmp_path / "louvre.jpg"), "--prompt", "a street", "--steps", "4", "--strength", "0.5",
                      "--sd-batch-size", "2", "--out", str(tmp_path / "d"), "--sd-model", models["sd"],

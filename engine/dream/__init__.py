@@ -1,2 +1,2 @@
-"""Stable Diffusion over the views: ``core`` (dream, walk, loop and their records) and ``cli``
+"""Stable Diffusion over the views: ``params``, ``dream``, ``walk`` and ``loop`` (the operations and their records), ``core`` (what they share) and ``cli``
 (``mimetic dream``, ``walk`` and ``loop``)."""

@@ -1,4 +1,4 @@
-"""The ``mimetic dream``, ``walk`` and ``loop`` commands: thin shells over ``engine.dream.core``.
+"""The ``mimetic dream``, ``walk`` and ``loop`` commands: thin shells over ``engine.dream``.
 
     mimetic dream PANO [PANO ...] (--prompt TEXT | --from-labels styles,periods [--template T]) --out DIR
     mimetic walk --keyframes walk.yaml --out walk.mp4
@@ -142,7 +142,8 @@ def _dream(args) -> int:
     from tqdm import tqdm
 
     from engine.cli import config_from_args
-    from engine.dream.core import DreamParams, dream_iter, save_dreams
+    from engine.dream.dream import dream_iter, save_dreams
+    from engine.dream.params import DreamParams
     from engine.pipeline import Engine, Panorama
 
     labels = tuple(part.strip() for part in (args.from_labels or "").split(",") if part.strip())
@@ -174,7 +175,8 @@ def _dream(args) -> int:
 
 def _walk(args) -> int:
     from engine.cli import config_from_args
-    from engine.dream.core import WalkParams, load_keyframes, save_walk, walk
+    from engine.dream.params import WalkParams
+    from engine.dream.walk import load_keyframes, save_walk, walk
 
     keyframes, settings = load_keyframes(args.keyframes)
     overrides = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt, "fps": args.fps}
@@ -197,7 +199,8 @@ def _walk(args) -> int:
 def _loop(args) -> int:
     from engine.cli import config_from_args
     from engine.decode import DecodeError, decode_image
-    from engine.dream.core import LoopParams, loop, save_loop
+    from engine.dream.loop import loop, save_loop
+    from engine.dream.params import LoopParams
     from engine.pipeline import Engine
 
     params = LoopParams(

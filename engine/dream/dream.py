@@ -1,0 +1,271 @@
+"""1-4. ``dream``: img2img of every view, prompts from CLIP, mimesis scores, trajectories; and ``save_dreams``."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.decode import DecodeError, decode_image, required_width
+from engine.dream.core import (
+    Progress,
+    _header,
+    _no_progress,
+    _save_png,
+    _scaled,
+    clip_embed,
+    cosine,
+    text_embed,
+    to_uint8,
+    write_record,
+)
+from engine.dream.params import DreamParams, label_vocabularies, prompt_from_labels
+from engine.models.diffusion import Dreamer
+from engine.pipeline import Engine, Panorama, check_equirectangular
+from engine.results import file_stems
+from kernels import ViewSpec
+
+# ---------------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclass
+class Trajectory:
+    """The predicted clean image at every k-th denoising step, and where it sits in CLIP space."""
+
+    steps: list[int]  # 1-based denoising steps
+    frames: np.ndarray  # (T, S, S, 3) uint8
+    drift: list[float]  # 1 - cos(view, frame): how far from the place it started
+    prompt_cosine: list[float]  # cos(frame, prompt)
+
+
+@dataclass
+class Dream:
+    """One view and its dream."""
+
+    index: int  # the view's index in the engine's view set
+    view: ViewSpec  # at the model's size
+    prompt: str
+    seed: int
+    source: np.ndarray  # the view as the model saw it, (S, S, 3) uint8
+    image: np.ndarray  # the dream, (S, S, 3) uint8
+    scores: dict[str, float]  # view_dream, dream_prompt, view_prompt (CLIP cosines)
+    labels: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # top-k per placeholder (from_labels)
+    nsfw: bool | None = None  # the folder's safety checker's flag, when it has one
+    trajectory: Trajectory | None = None
+
+
+@dataclass
+class DreamResult:
+    """The dreams of one panorama's views; ``error`` names the item and the reason when it failed."""
+
+    id: str
+    dreams: list[Dream] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1-4. dream: img2img of every view, prompts from CLIP, mimesis scores, trajectories.
+
+
+def dream(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams,
+          progress: Progress | None = None) -> list[DreamResult]:
+    """Dream every view of every panorama; results in input order, a failed panorama in place with ``error``.
+
+    ``progress``, if given, is called with the number of views done, in fractions as denoising steps
+    finish (a failed panorama counts its views at once): its calls add up to panoramas x views.
+    """
+    return list(dream_iter(engine, dreamer, panoramas, params, progress))
+
+
+def dream_iter(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams,
+               progress: Progress | None = None) -> Iterator[DreamResult]:
+    """Like ``dream``, yielding each panorama's result as soon as its group is done. Parameters are
+    checked here, at the call, not at the first result."""
+    vocabularies = params.check()
+    for vocabulary in vocabularies.values():
+        if engine.vocabularies.get(vocabulary.name) != vocabulary:
+            engine.add_vocabulary(vocabulary)
+    template = params.resolved_template(vocabularies)
+    return _dream_groups(engine, dreamer, iter(panoramas), params, vocabularies, template, progress or _no_progress)
+
+
+def _dream_groups(engine, dreamer, panoramas, params, vocabularies, template, progress) -> Iterator[DreamResult]:
+    views = dreamer.views(engine.views)
+    # A group is as many panoramas as fill one diffusion batch with their views (at least one).
+    group_size = max(1, params.batch_size // len(views))
+    min_width = required_width(views)
+    group: list[Panorama] = []
+    for item in panoramas:
+        group.append(item)
+        if len(group) == group_size:
+            yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
+            group = []
+    if group:
+        yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
+
+
+def _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress) -> list[DreamResult]:
+    # Decode each panorama once, for CLIP and SD alike; a failure stays with its item (by position).
+    decoded, failed = [], {}
+    for k, item in enumerate(group):
+        try:
+            decoded.append((k, item, _decode(item, engine.config.max_pixels, min_width)))
+        except (DecodeError, ValueError, TypeError) as exc:
+            failed[k] = _error_text(item, exc)
+
+    # Prompts: one for every view, or each view's top label per vocabulary, read by the engine from its own views.
+    readings = {}
+    if vocabularies and decoded:
+        seen = engine.embed([Panorama(id=item.id, data=pano, yaw_offset=item.yaw_offset) for _, item, pano in decoded])
+        for (k, _, _), result in zip(decoded, seen, strict=True):
+            if result.error:
+                failed[k] = result.error
+            else:
+                readings[k] = {key: result.readings[v.name]["views"] for key, v in vocabularies.items()}
+        decoded = [entry for entry in decoded if entry[0] not in failed]
+    count = len(engine.views)
+    if failed:
+        progress(len(failed) * count)  # their views will not be dreamt: done, as far as the bar goes
+    if not decoded:
+        return [_failed(item, failed[k]) for k, item in enumerate(group)]
+
+    labels, prompts = [], []
+    for k, _, _ in decoded:
+        for n in range(count):
+            top = {name: per_view[n] for name, per_view in readings.get(k, {}).items()}
+            labels.append(top)
+            prompts.append(params.prompt if template is None else prompt_from_labels(template, {v: top[v][0][0] for v in top}))
+    seeds = [params.seed] * len(prompts)
+
+    # The same views the engine cuts, at the model's size, [-1, 1]; img2img across panoramas, batch by batch.
+    rendered = dreamer.render(
+        [pano for _, _, pano in decoded], engine.views, [item.yaw_offset for _, item, _ in decoded], antialias=engine.config.antialias
+    )
+    flat = rendered.reshape(len(decoded) * count, *rendered.shape[2:])  # (M * N, 3, S, S)
+    size = params.batch_size
+    outputs = [
+        dreamer.img2img(
+            flat[i : i + size], prompts=prompts[i : i + size], negative_prompt=params.negative_prompt, strength=params.strength,
+            steps=params.steps, guidance=params.guidance, seeds=seeds[i : i + size], every=params.trajectory_every,
+            progress=_scaled(progress, len(prompts[i : i + size])),
+        )
+        for i in range(0, len(prompts), size)
+    ]
+    sources = (flat.float().cpu() / 2 + 0.5).clamp(0, 1)
+    images = torch.cat([out.images for out in outputs])
+    nsfw = [flag for out in outputs for flag in (out.nsfw or [None] * out.images.shape[0])]
+
+    # Mimesis: CLIP cosines between the view, its dream and the prompt; and along each trajectory.
+    view_emb, dream_emb, prompt_emb = clip_embed(engine, sources), clip_embed(engine, images), text_embed(engine, prompts)
+    scores = {
+        "view_dream": cosine(view_emb, dream_emb),
+        "dream_prompt": cosine(dream_emb, prompt_emb),
+        "view_prompt": cosine(view_emb, prompt_emb),
+    }
+    trajectories = _trajectories(engine, outputs, view_emb, prompt_emb) if params.trajectory_every else None
+
+    specs = dreamer.views(engine.views)
+    done = {}
+    for m, (k, item, _) in enumerate(decoded):
+        dreams = []
+        for n in range(count):
+            j = m * count + n
+            dreams.append(
+                Dream(
+                    index=n, view=specs[n], prompt=prompts[j], seed=seeds[j], source=to_uint8(sources[j]),
+                    image=to_uint8(images[j]), scores={name: float(values[j]) for name, values in scores.items()},
+                    labels=labels[j], nsfw=nsfw[j], trajectory=trajectories[j] if trajectories else None,
+                )
+            )
+        done[k] = DreamResult(id=item.id, dreams=dreams, meta=dict(item.meta))
+    return [done[k] if k in done else _failed(item, failed[k]) for k, item in enumerate(group)]
+
+
+def _failed(item, error: str) -> DreamResult:
+    return DreamResult(id=str(getattr(item, "id", item)), meta=_meta(item), error=error)
+
+
+def _trajectories(engine, outputs, view_emb, prompt_emb) -> list[Trajectory]:
+    """Per item: its frames along the denoising, each CLIP-embedded against the view and the prompt."""
+    per_item, start = [], 0
+    for out in outputs:
+        batch = out.images.shape[0]
+        steps = [step for step, _ in out.trajectory]
+        frames = torch.stack([images for _, images in out.trajectory], dim=1) if steps else torch.empty(batch, 0, 3, 1, 1)
+        for b in range(batch):
+            k = start + b
+            emb = clip_embed(engine, frames[b]) if steps else torch.empty(0, view_emb.shape[1])
+            per_item.append(
+                Trajectory(
+                    steps=steps,
+                    frames=np.stack([to_uint8(f) for f in frames[b]]) if steps else np.zeros((0, 0, 0, 3), np.uint8),
+                    drift=(1 - cosine(emb, view_emb[k])).tolist(),
+                    prompt_cosine=cosine(emb, prompt_emb[k]).tolist(),
+                )
+            )
+        start += batch
+    return per_item
+
+
+def _decode(item: Panorama, max_pixels: int, min_width: int) -> np.ndarray:
+    """A 2:1 uint8 panorama, decoded once for both CLIP and SD, at the width the SD views need."""
+    if not isinstance(item, Panorama):
+        raise TypeError(f"expected a Panorama, got {type(item).__name__}")
+    if not isinstance(item.id, str) or not item.id:
+        raise ValueError(f"panorama id must be a non-empty string, got {item.id!r}")
+    if not math.isfinite(item.yaw_offset):
+        raise ValueError(f"yaw_offset must be finite, got {item.yaw_offset}")
+    data = item.data.detach().cpu().numpy() if isinstance(item.data, torch.Tensor) else item.data
+    pano = decode_image(data, name=item.id, max_pixels=max_pixels, min_width=min_width)
+    check_equirectangular(item.id, pano.shape)
+    return pano
+
+
+def _error_text(item, exc: Exception) -> str:
+    return str(exc) if isinstance(exc, DecodeError) else f"{getattr(item, 'id', item)}: {exc}"
+
+
+def _meta(item) -> dict:
+    meta = getattr(item, "meta", None)
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving: images, video, contact sheets, and the record of every run.
+
+
+def save_dreams(results: Sequence[DreamResult], out_dir: str | os.PathLike, *, engine: Engine, dreamer: Dreamer,
+                params: DreamParams, seconds: float = 0.0) -> Path:
+    """Write each view and dream as PNGs (and trajectory frames), and ``out_dir/dreams.json``; return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocabularies = label_vocabularies(params.from_labels)
+    record = _header("dream", dreamer, engine, params, seconds)
+    record["template"] = params.resolved_template(vocabularies)
+    record["placeholders"] = {key: {"vocabulary": v.name, "template": v.template, "labels_sha256": v.labels_hash}
+                              for key, v in vocabularies.items()}
+    record["panoramas"] = []
+    images = 0
+    for stem, result in zip(file_stems([r.id for r in results]), results, strict=True):
+        entry = {"id": result.id, "meta": result.meta, "error": result.error, "dreams": []}
+        for d in result.dreams:
+            name = f"{stem}_{d.index}_y{d.view.yaw:g}_p{d.view.pitch:g}"
+            files = {"view": _save_png(d.source, out / f"{name}_view.png"), "dream": _save_png(d.image, out / f"{name}_dream.png")}
+            row = {"view": d.index, **asdict(d.view), "prompt": d.prompt, "seed": d.seed, "labels": d.labels,
+                   "scores": d.scores, "nsfw": d.nsfw, "files": files}
+            if d.trajectory is not None:
+                frames = [_save_png(f, out / f"{name}_step{s:03d}.png") for s, f in zip(d.trajectory.steps, d.trajectory.frames, strict=True)]
+                row["trajectory"] = {"steps": d.trajectory.steps, "drift": d.trajectory.drift,
+                                     "prompt_cosine": d.trajectory.prompt_cosine, "files": frames}
+            entry["dreams"].append(row)
+            images += 1
+        record["panoramas"].append(entry)
+    record["images_per_s"] = images / seconds if seconds > 0 else None
+    return write_record(record, out / "dreams.json")
