@@ -10,7 +10,7 @@ import torch
 from engine.config import DEFAULT_VOCABULARIES
 from engine.vocab import DEFAULT_TEMPLATE, TextEmbeddingCache, Vocabulary, bundled_vocabularies, load_vocabulary
 
-BUNDLED = ["furniture", "materials", "periods", "styles", "urban"]
+BUNDLED = ["furniture", "materials", "mediums", "movements", "periods", "styles", "urban"]
 
 
 def test_bundled_names_and_the_config_defaults_exist():
@@ -52,6 +52,16 @@ def test_bundled_contents_that_research_questions_rely_on():
         assert material in load_vocabulary("materials").labels
     for item in ("bench", "street lamp", "fountain", "bollard", "bus stop", "kiosk", "bicycle rack", "trash can", "traffic light", "statue"):
         assert item in load_vocabulary("furniture").labels
+    # The interrogator's flavours: a medium is a noun phrase that can follow a caption as it is.
+    mediums = load_vocabulary("mediums")
+    for medium in ("a photograph", "an oil painting", "a watercolor painting", "an engraving", "a 3D rendering"):
+        assert medium in mediums.labels
+    assert all(re.match(r"^(a|an) ", label) for label in mediums.labels)
+    assert "an oil painting of a place" in mediums.prompts()
+    movements = load_vocabulary("movements")
+    for movement in ("Impressionism", "Cubism", "Futurism", "Surrealism", "Venetian vedutismo"):
+        assert movement in movements.labels
+    assert "a work in the style of Impressionism" in movements.prompts()
 
 
 def test_vocabulary_is_frozen_and_validated_on_construction():
@@ -95,7 +105,7 @@ def test_user_csv(tmp_path):
 
 
 def test_unknown_bundled_name_lists_the_bundled_ones():
-    with pytest.raises(ValueError, match=r"unknown vocabulary 'baroque': bundled vocabularies are furniture, materials, periods, styles, urban"):
+    with pytest.raises(ValueError, match=r"unknown vocabulary 'baroque': bundled vocabularies are furniture, materials, mediums, movements, periods, styles, urban"):
         load_vocabulary("baroque")
 
 
