@@ -184,11 +184,14 @@ def run_command(args: argparse.Namespace, extra: list[str]) -> int:
         return cmd_demo(args)
     if args.command == "models":
         return cmd_models(args)
+    if args.command == "bench":
+        return cmd_bench(args, extra)
     for module in _command_modules():
         status = module.run(args)
         if status is not None:
             return status
-    return cmd_bench(args, extra)
+    # argparse accepts only the commands it was given, so this is a command added without a runner.
+    raise NotImplementedError(f"mimetic {args.command}: no runner for this command")
 
 
 # -- the Engine's settings as flags ---------------------------------------------------------------

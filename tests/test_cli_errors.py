@@ -122,3 +122,14 @@ def test_call_gives_up_after_its_retry_budget_in_one_line():
     [line] = run.stderr.splitlines()
     assert line.startswith(f"mimetic call: error: 127.0.0.1:{port}: no answer for 2.") and "retry budget of 2 s" in line
     assert 2.0 <= waited < 30
+
+
+def test_a_command_no_runner_claims_is_an_error_not_the_benchmarks(monkeypatch):
+    """`main` used to fall through to `bench` for any command it did not dispatch itself."""
+    ran = []
+    args = cli.build_parser().parse_args(["loop", "x.png", "--out", "o"])
+    monkeypatch.setattr(cli, "cmd_bench", lambda args, extra: ran.append(args.command) or 0)
+    monkeypatch.setattr(cli, "_command_modules", lambda: [])  # a command whose module forgot to claim it
+    with pytest.raises(NotImplementedError, match="mimetic loop: no runner"):
+        cli.run_command(args, [])
+    assert ran == []

@@ -83,6 +83,20 @@ def test_zero_shot_probabilities_sum_to_one(tiny_clip, small_louvre):
             assert [p for _, p in per_view] == sorted((p for _, p in per_view), reverse=True)
 
 
+def test_readings_are_softmax_of_100_times_the_cosine_to_each_prompt(tiny_clip, small_louvre):
+    """CLIP's zero-shot rule, recomputed here from the view embeddings and the prompts' text embeddings."""
+    engine = Engine(EngineConfig(clip_model=tiny_clip, vocabularies=("materials",), top_k=3))
+    [result] = engine.embed([Panorama(id="louvre", data=small_louvre)])
+    vocabulary = engine.vocabularies["materials"]
+    text = torch.nn.functional.normalize(engine.embed_text(vocabulary.prompts()).float(), dim=1)
+    views = result.embeddings.float()
+    probabilities = (100 * views @ text.T).softmax(dim=-1)
+    for v, reading in enumerate(result.readings["materials"]["views"]):
+        top = probabilities[v].topk(3)
+        assert [label for label, _ in reading] == [vocabulary.labels[i] for i in top.indices.tolist()]
+        assert [p for _, p in reading] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
 def test_all_four_shared_panoramas_are_embedded(engine):
     names = ["louvre.jpg", "jordan-pond.jpg", "axes.png", "world-rgba.png"]
     results = engine.embed([Panorama(id=name, data=PANORAMAS / name) for name in names])

@@ -96,10 +96,6 @@ class ClipModel:
                 return torch.empty(0, self.embed_dim, dtype=self.dtype, device=self.device)
             return torch.cat(out)
 
-    def logit_scale(self) -> float:
-        """The scale zero-shot readings use: 100, i.e. ``softmax(100 * cos)``."""
-        return ZERO_SHOT_LOGIT_SCALE
-
     def learned_logit_scale(self) -> float:
         """The model's own learned ``exp(logit_scale)`` (100 for trained OpenAI CLIP; 1/0.07 if untrained)."""
         scale = getattr(self.model, "logit_scale", None)

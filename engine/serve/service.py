@@ -329,7 +329,6 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
                 if request is _DRAINING or request is None:
                     stream.slots.release()
                     stream.cut_by_drain = request is _DRAINING
-                    stream.half_closed = request is None
                     return
                 self._disarm_idle(stream)
                 stream.held += 1

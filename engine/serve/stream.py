@@ -113,7 +113,6 @@ class Stream:
         self.items: dict[str, Item] = {}  # by request_id, from the moment it is checked to its answer
         self.responses: asyncio.Queue = asyncio.Queue(max_in_flight + 1)  # + the end marker; never more
         self.reading = True
-        self.half_closed = False  # the client said it had sent everything
         self.cut_by_drain = False  # no more was read because the server drains
         self.ended_by: str | None = None  # "idle" or "grace": the server ended it before its client did
         self.answered = 0
