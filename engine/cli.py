@@ -273,7 +273,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     engine = Engine(config_from_args(args))
     results = _embed_files(engine, args.panos)
-    write_parquet(results, args.out)
+    write_parquet(results, args.out, engine.config)
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)} of {len(results)} panoramas embedded -> {args.out}")
     return 1 if failed else 0
@@ -295,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engine = Engine(config)
     synthetic = Panorama(id="synthetic-street", data=scene, meta={"source": SYNTHETIC_NOTE})
     results = _embed_files(engine, args.panos, extra=[synthetic])
-    write_parquet(results, args.out / "results.parquet")
+    write_parquet(results, args.out / "results.parquet", engine.config)
     (args.out / "info.json").write_text(json.dumps(engine.info(), indent=2) + "\n")
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)} of {len(results)} panoramas embedded -> {args.out}/results.parquet")

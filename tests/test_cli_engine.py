@@ -36,7 +36,7 @@ def test_embed_writes_a_row_per_view_and_a_pooled_row(tiny_dir, tmp_path):
     assert kinds.count(("world-rgba.png", "view")) == 4 and ("broken.jpg", "error") in kinds
     pooled = next(row for row in table if row["kind"] == "pooled")
     assert len(pooled["embedding"]) == 32
-    assert set(json.loads(pooled["readings"])) == {"urban", "styles"}
+    assert {entry["vocabulary"] for entry in pooled["labels"]} == {"urban", "styles"}
     assert "axes.png: urban:" in run.stdout  # the top labels are printed per panorama
 
 

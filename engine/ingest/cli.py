@@ -3,7 +3,7 @@
     mimetic ingest DUMP --out RUN [--metadata FILE ...] [--shard-size N] [--north-up] [--quiet]
                    [--verify] [--hash-inputs] [--engine local|ray] [--address ADDR] [--actors N]
                    [--verbose] [engine flags]
-    mimetic query RUN "a baroque church" [--top 20] [--views] [--out PREFIX] [--device auto]
+    mimetic query RUN|RESULTS.parquet "a baroque church" [--top 20] [--views] [--out PREFIX] [--device auto]
 """
 
 from __future__ import annotations
@@ -63,19 +63,19 @@ def add_parsers(commands) -> None:
 
     query = commands.add_parser(
         "query",
-        help="rank a run's panoramas (or views) by CLIP similarity to a text; writes CSV and GeoJSON",
+        help="rank a run's (or a results file's) panoramas or views by CLIP similarity to a text; writes CSV and GeoJSON",
         description=(
-            "Embed TEXT with the run's own model and score every stored embedding (an exact torch matrix product, on the "
+            "Embed TEXT with the target's own model and score every stored embedding (an exact torch matrix product, on the "
             "GPU when there is one). Prints the top and bottom results and writes PREFIX.csv and PREFIX.geojson "
             "(Points at lat/lon, polarity positive for the top, negative for the bottom)."
         ),
     )
-    query.add_argument("run", type=Path, metavar="RUN", help="a run folder written by mimetic ingest")
+    query.add_argument("run", type=Path, metavar="RUN", help="a run folder written by mimetic ingest, or a results file written by mimetic embed or demo")
     query.add_argument("text", metavar="TEXT")
     query.add_argument("--top", type=positive_int, default=20, help="results at each end of the ranking (default 20)")
     query.add_argument("--views", action="store_true", help="rank single views instead of whole panoramas")
     query.add_argument("--out", type=Path, default=None, metavar="PREFIX",
-                       help="output path without extension (default RUN/queries/<text>[-views])")
+                       help="output path without extension (default RUN/queries/<text>[-views]; beside a results file, queries/<text>)")
     query.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
 
 
@@ -137,7 +137,8 @@ def _query(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"mimetic query: error: {exc}", file=sys.stderr)
         return 2
-    prefix = args.out or args.run / "queries" / (slug(args.text) + ("-views" if args.views else ""))
+    folder = args.run.parent / "queries" if args.run.is_file() else args.run / "queries"
+    prefix = args.out or folder / (slug(args.text) + ("-views" if args.views else ""))
     csv_path, geojson_path = write_results(result, prefix)
     print(format_results(result))
     print(f"wrote {csv_path} and {geojson_path}")

@@ -1,10 +1,12 @@
-"""Text queries over a run folder: panoramas (or views) ranked by CLIP similarity, exactly.
+"""Text queries over a run folder or a results file: panoramas (or views) ranked by CLIP similarity, exactly.
 
     from engine.ingest.query import query, write_results
     hits = query("runs/rome", "a baroque church", top=20)      # hits.positive, hits.negative: lists of dicts
+    hits = query("results.parquet", "a baroque church")         # the file `mimetic embed` wrote: the same
     write_results(hits, "runs/rome/queries/a-baroque-church")   # .csv and .geojson
 
-The text is embedded by the run's own model (its configuration is in the manifest), and scored
+The text is embedded by the target's own model (its configuration is in the run's manifest, or in a
+results file's schema metadata), and scored
 against every stored embedding with one torch matrix product per part file, on the GPU when there
 is one: an exact search, no index. Only committed shards are read. ``positive`` holds the ``top``
 best matches, best first; ``negative`` the ``top`` worst, worst first, taken from the rest (no row
@@ -31,9 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import EngineConfig
+from engine.ingest.inputs import InputError
 from engine.ingest.job import make_engine
 from engine.ingest.run import RunFolder, committed_parts
-from engine.results import write_csv
+from engine.results import KINDS, read_engine_config, write_csv
 
 COLUMNS = {
     "panoramas": ["id", "lat", "lon", "heading", "captured_at", "source"],
@@ -50,13 +53,39 @@ class QueryResult:
     negative: list[dict]
 
 
-def run_engine(run: str | os.PathLike, device: str = "auto"):
-    """An Engine with the run's model and weights (no vocabularies: only its text tower is needed)."""
-    manifest = RunFolder(run).load_manifest()
+def run_engine(target: str | os.PathLike, device: str = "auto"):
+    """An Engine with the target's model and weights (no vocabularies: only its text tower is needed).
+
+    ``target`` is an ingest run folder or a results file of ``mimetic embed``."""
+    if Path(target).is_file():
+        try:
+            stored = read_engine_config(target)
+        except ValueError as exc:  # the command's one-line error, as for a folder that is not a run
+            raise InputError(str(exc)) from None
+    else:
+        stored = RunFolder(target).load_manifest()["engine_config"]
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    stored = {k: v for k, v in manifest["engine_config"].items() if k in fields}
+    stored = {k: v for k, v in stored.items() if k in fields}
     stored.update(vocabularies=(), device=device)
     return make_engine(EngineConfig(**stored))
+
+
+def _parts(target: str | os.PathLike, table: str) -> list[tuple[Path, list | None]]:
+    """(Parquet file, row filter) for each part holding ``table``'s rows: a run's committed parts, or
+    a results file's rows of the matching kind."""
+    if Path(target).is_file():
+        return [(Path(target), [("kind", "=", KINDS[table])])]
+    return [(part, None) for part in committed_parts(target, table)]
+
+
+def _read(part: Path, row_filter, columns: list[str]) -> pa.Table:
+    """The part's columns (a column the part does not have, e.g. lat in a results file, reads as nulls)."""
+    present = set(pq.read_schema(part).names)
+    table = pq.read_table(part, columns=[c for c in columns if c in present], filters=row_filter)
+    for name in columns:
+        if name not in present:
+            table = table.append_column(name, pa.nulls(len(table)))
+    return table.select(columns)
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -77,13 +106,13 @@ def query(run: str | os.PathLike, text: str, *, top: int = 20, views: bool = Fal
     table = "views" if views else "panoramas"
     engine = engine or run_engine(run, device)
     query_vector = engine.embed_text([text])[0].to(engine.device, torch.float32)
-    dtype = torch.float16 if engine.device.type == "cuda" else torch.float32
-    parts = committed_parts(run, table)
+    dtype = engine.clip.dtype  # the model's own: scores in the precision its embeddings were made in
+    parts = _parts(run, table)
     scores = []
-    for part in parts:
+    for part, row_filter in parts:
         with warnings.catch_warnings():  # Arrow's buffer is read-only; the tensor is only read
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            embeddings = torch.from_numpy(_matrix(pq.read_table(part, columns=["embedding"]).column("embedding")))
+            embeddings = torch.from_numpy(_matrix(_read(part, row_filter, ["embedding"]).column("embedding")))
         if len(embeddings):
             scores.append((embeddings.to(engine.device, dtype) @ query_vector.to(dtype)).float().cpu())
         else:
@@ -104,7 +133,7 @@ def query(run: str | os.PathLike, text: str, *, top: int = 20, views: bool = Fal
         wanted.setdefault(part, []).append(row)
     records = {}
     for part, rows in wanted.items():  # only the parts holding a hit are read again, for their columns
-        data = pq.read_table(parts[part], columns=COLUMNS[table]).take([row - starts[part] for row in rows]).to_pylist()
+        data = _read(*parts[part], COLUMNS[table]).take([row - starts[part] for row in rows]).to_pylist()
         records.update(zip(rows, data, strict=True))
 
     def ranked(indices: list[int], polarity: str) -> list[dict]:

@@ -9,43 +9,39 @@ import numpy as np
 import pyarrow as pa
 
 from engine.ingest.inputs import InputItem, canonical_fields
+from engine.results import PANORAMA_FIELDS, VIEW_FIELDS, embedding_lists, label_lists
 
 # -- tables ---------------------------------------------------------------------------------------
 
-LABEL = pa.struct([("vocabulary", pa.string()), ("label", pa.string()), ("probability", pa.float32())])
-EMBEDDING = pa.list_(pa.float16())
+# The view and panorama columns are the project's one results schema (engine.results); a run adds the
+# city's own columns beside them.
+_VIEW = {f.name: f for f in VIEW_FIELDS}
+_PANORAMA = {f.name: f for f in PANORAMA_FIELDS}
 
 PANORAMAS_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
+        _PANORAMA["id"],
         ("source", pa.string()),
         ("shard", pa.int32()),
         ("lat", pa.float64()),
         ("lon", pa.float64()),
         ("heading", pa.float64()),  # compass bearing of the panorama's centre column (yaw 0), from the metadata
         ("captured_at", pa.string()),
-        ("meta", pa.string()),  # JSON: every metadata column, as given
+        _PANORAMA["meta"],  # JSON: every metadata column, as given
         ("yaw_offset", pa.float64()),  # added to every view's yaw when cutting (-heading with --north-up)
-        ("embedding", EMBEDDING),  # pooled: the L2-normalised mean of the view embeddings, fp16
-        ("labels", pa.list_(LABEL)),  # top-k per vocabulary, pooled
+        _PANORAMA["embedding"],
+        _PANORAMA["labels"],
     ]
 )
 VIEWS_SCHEMA = pa.schema(
     [
-        ("id", pa.string()),  # the panorama's id
-        ("view", pa.int32()),  # index in the view set
-        ("yaw", pa.float32()),  # the view set's yaw: a compass bearing with --north-up
-        ("pitch", pa.float32()),
-        ("roll", pa.float32()),
-        ("fov", pa.float32()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
+        *(_VIEW[name] for name in ("id", "view", "yaw", "pitch", "roll", "fov", "width", "height")),  # yaw: a bearing with --north-up
         ("pano_yaw", pa.float32()),  # where the view was cut, in the panorama's own frame (0 = centre column)
         ("bearing", pa.float32()),  # absolute compass bearing (0 = north, 90 = east); null without a heading
         ("lat", pa.float64()),
         ("lon", pa.float64()),
-        ("embedding", EMBEDDING),  # L2-normalised, fp16
-        ("labels", pa.list_(LABEL)),
+        _VIEW["embedding"],
+        _VIEW["labels"],
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -57,29 +53,6 @@ DESCRIPTIONS = {
     "views": "one row per perspective view: panorama id, view spec, absolute bearing when the heading is known, embedding, top labels",
     "quarantine": "one row per input that failed, with the reason",
 }
-
-
-def _label_lists(rows: list[dict]) -> pa.Array:
-    """[{vocabulary: [(label, p), ...]}] -> list<struct<vocabulary, label, probability>>."""
-    offsets, vocabularies, labels, probabilities = [0], [], [], []
-    for row in rows:
-        for name, pairs in row.items():
-            for label, p in pairs:
-                vocabularies.append(name)
-                labels.append(label)
-                probabilities.append(p)
-        offsets.append(len(labels))
-    values = pa.StructArray.from_arrays(
-        [pa.array(vocabularies, pa.string()), pa.array(labels, pa.string()), pa.array(probabilities, pa.float32())],
-        fields=list(LABEL),
-    )
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
-
-
-def _embedding_lists(matrix: np.ndarray) -> pa.Array:
-    rows, dim = matrix.shape
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * dim)  # dim is 0 for a shard where every input failed
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.astype(np.float16).reshape(-1), pa.float16()))
 
 
 def _table(name: str, columns: dict, context: dict) -> pa.Table:
@@ -114,8 +87,8 @@ def shard_tables(shard: int, outcomes: Sequence[tuple[InputItem, object]], north
         "id": [item.id for item, _ in done], "source": [item.source for item, _ in done], "shard": [shard] * len(done),
         "lat": column("lat"), "lon": column("lon"), "heading": column("heading"), "captured_at": column("captured_at"),
         "meta": [json.dumps(item.meta, default=str, sort_keys=True) for item, _ in done], "yaw_offset": offsets,
-        "embedding": _embedding_lists(np.stack([r.pooled.float().numpy() for _, r in done]) if done else np.zeros((0, dim))),
-        "labels": _label_lists([{name: reading["pooled"] for name, reading in r.readings.items()} for _, r in done]),
+        "embedding": embedding_lists(np.stack([r.pooled.float().numpy() for _, r in done]) if done else np.zeros((0, dim))),
+        "labels": label_lists([{name: reading["pooled"] for name, reading in r.readings.items()} for _, r in done]),
     }
 
     specs = done[0][1].views if done else []
@@ -130,8 +103,8 @@ def shard_tables(shard: int, outcomes: Sequence[tuple[InputItem, object]], north
         **{key: np.tile(values, len(done)) for key, values in spec.items()},
         "pano_yaw": cut_at.reshape(-1), "bearing": pa.array(bearing.reshape(-1), pa.float32(), from_pandas=True),
         "lat": np.repeat(np.asarray(pano["lat"], dtype=object), count), "lon": np.repeat(np.asarray(pano["lon"], dtype=object), count),
-        "embedding": _embedding_lists(np.concatenate([r.embeddings.float().numpy() for _, r in done]) if done else np.zeros((0, dim))),
-        "labels": _label_lists([{name: reading["views"][k] for name, reading in r.readings.items()}
+        "embedding": embedding_lists(np.concatenate([r.embeddings.float().numpy() for _, r in done]) if done else np.zeros((0, dim))),
+        "labels": label_lists([{name: reading["views"][k] for name, reading in r.readings.items()}
                                 for _, r in done for k in range(count)]),
     }
     context = {**context, "embedding_dim": dim}
