@@ -1,0 +1,185 @@
+"""Captions and interrogator prompts over views: what a captioner says of each view, and what CLIP adds.
+
+    from engine.dream.interrogate import interrogate, write_captions
+    rows = interrogate(engine, captioner, [Panorama(id="p1", data="rome/p1.jpg")], flavours=("mediums", "movements", "styles"))
+    rows[0].captions[0], rows[0].prompts[0]   # 'a street with a church', 'a street with a church, a photograph, Realism, Baroque architecture'
+    write_captions(rows, "captions.csv")      # or .parquet (the results schema plus caption and prompt)
+
+CLIP Interrogator's recipe, batched and recorded: the prompt is the caption, then the top CLIP label
+of each flavour vocabulary, in the order given. Each panorama is decoded once; the engine cuts and
+reads its views for CLIP (the flavours are its zero-shot readings, with their probabilities), and the
+captioner's kernel cuts the same views at the captioner's size with its own normalisation. A plain
+(non-panoramic) image is read whole: by the captioner after one antialiased resize, and by CLIP the
+same way (``plain=True``, or ``plain=None`` to treat any image that is not 2:1 as plain).
+
+Decoding is deterministic (beam search without sampling), so two runs give the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from engine.decode import DecodeError, decode_image, required_width
+from engine.dream.core import clip_embed, from_uint8
+from engine.models.caption import Captioner
+from engine.pipeline import Engine, Panorama
+from engine.results import SCHEMA, label_lists, write_csv
+from kernels import ViewSpec
+
+PLAIN_VIEW = ViewSpec(0.0, 0.0, 0.0, 90.0, 1, 1)  # stands for "the whole image" in a plain image's row
+
+
+@dataclass
+class Captioned:
+    """One input's captions: per view, its caption, its interrogator prompt and its flavour labels."""
+
+    id: str
+    views: list[ViewSpec] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    flavours: list[dict[str, tuple[str, float]]] = field(default_factory=list)  # per view: vocabulary -> (top label, p)
+    embeddings: torch.Tensor | None = None  # (N, D) CLIP embeddings of the views (or of the plain image)
+    plain: bool = False
+    error: str | None = None
+
+
+def interrogator_prompt(caption: str, flavours: dict[str, tuple[str, float]], order: Sequence[str]) -> str:
+    """The caption, then each flavour's top label in ``order``, joined by ", " (an empty caption is left out)."""
+    return ", ".join(part for part in [caption, *(flavours[name][0] for name in order)] if part)
+
+
+def interrogate(engine: Engine, captioner: Captioner, panoramas: Iterable[Panorama], flavours: Sequence[str],
+                *, plain: bool | None = False, progress: Callable[[int], None] | None = None) -> list[Captioned]:
+    """Caption every view of every input (or every plain image whole); a bad input gets its error and the rest go on.
+
+    ``flavours`` must be among the engine's vocabularies. ``progress`` is called with 1 per input done.
+    """
+    missing = [name for name in flavours if name not in engine.vocabularies]
+    if missing:
+        raise ValueError(f"flavour vocabularies {', '.join(missing)} are not loaded by the engine (its vocabularies: "
+                         f"{', '.join(engine.vocabularies)})")
+    out = []
+    for item in panoramas:
+        try:
+            out.append(_one(engine, captioner, item, flavours, plain))
+        except DecodeError as exc:
+            out.append(Captioned(id=item.id, error=str(exc)))  # a DecodeError names its item
+        except ValueError as exc:
+            out.append(Captioned(id=item.id, error=f"{item.id}: {exc}"))
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def _one(engine: Engine, captioner: Captioner, item: Panorama, flavours: Sequence[str], plain: bool | None) -> Captioned:
+    width = max(engine.min_decode_width, required_width(captioner.views(engine.views)))
+    image = decode_image(item.data, name=item.id, max_pixels=engine.config.max_pixels, min_width=None if plain else width)
+    height, image_width = image.shape[:2]
+    is_plain = plain if plain is not None else image_width != 2 * height
+    if is_plain:
+        captions = captioner.caption(captioner.pixels_of([image]))
+        embeddings = clip_embed(engine, from_uint8(image[None]))
+        views = [PLAIN_VIEW]
+        readings = _top(engine, embeddings, flavours)
+    else:
+        [result] = engine.embed([Panorama(id=item.id, data=image, meta=item.meta, yaw_offset=item.yaw_offset)])
+        if result.error is not None:
+            return Captioned(id=item.id, error=result.error)
+        captions = captioner.caption(captioner.render([image], engine.views, yaw_offsets=[item.yaw_offset])[0])
+        embeddings, views = result.embeddings, result.views
+        readings = [{name: result.readings[name]["views"][k][0] for name in flavours} for k in range(len(views))]
+    prompts = [interrogator_prompt(caption, reading, flavours) for caption, reading in zip(captions, readings, strict=True)]
+    return Captioned(id=item.id, views=views, captions=captions, prompts=prompts, flavours=readings,
+                     embeddings=embeddings, plain=is_plain)
+
+
+def _top(engine: Engine, embeddings: torch.Tensor, flavours: Sequence[str]) -> list[dict[str, tuple[str, float]]]:
+    """Each row's top label per flavour vocabulary, by the engine's own zero-shot rule (its top-k readings)."""
+    from engine.models.clip import ZERO_SHOT_LOGIT_SCALE
+
+    out = []
+    for row in embeddings.float():
+        reading = {}
+        for name in flavours:
+            text = torch.nn.functional.normalize(engine.embed_text(engine.vocabularies[name].prompts()).float(), dim=1)
+            probabilities = (ZERO_SHOT_LOGIT_SCALE * row @ text.T).softmax(dim=-1)
+            best = int(probabilities.argmax())
+            reading[name] = (engine.vocabularies[name].labels[best], float(probabilities[best]))
+        out.append(reading)
+    return out
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+def caption_rows(captioned: Sequence[Captioned], flavours: Sequence[str]) -> list[dict]:
+    """One row per view: id, view, yaw, pitch, caption, prompt, each flavour's label and probability; one per failure."""
+    rows = []
+    for item in captioned:
+        if item.error is not None:
+            rows.append({"id": item.id, "error": item.error})
+            continue
+        for k, (view, caption, prompt) in enumerate(zip(item.views, item.captions, item.prompts, strict=True)):
+            row = {"id": item.id, "view": None if item.plain else k, "yaw": None if item.plain else view.yaw,
+                   "pitch": None if item.plain else view.pitch, "caption": caption, "prompt": prompt}
+            for name in flavours:
+                row[name], row[f"{name}_probability"] = item.flavours[k][name]
+            rows.append(row)
+    return rows
+
+
+def write_captions(captioned: Sequence[Captioned], path: str | os.PathLike, flavours: Sequence[str], engine_config=None) -> Path:
+    """``.csv`` (spreadsheet-safe) or ``.parquet`` (the results schema's view rows plus caption and prompt)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        fields = ["id", "view", "yaw", "pitch", "caption", "prompt", *(f"{n}{s}" for n in flavours for s in ("", "_probability")), "error"]
+        return write_csv(path, caption_rows(captioned, flavours), fields)
+    if path.suffix.lower() != ".parquet":
+        raise ValueError(f"{path}: the captions file must end in .csv or .parquet")
+    return _write_parquet(captioned, path, flavours, engine_config)
+
+
+CAPTION_SCHEMA = pa.schema([*SCHEMA, pa.field("caption", pa.string()), pa.field("prompt", pa.string())])
+
+
+def _write_parquet(captioned: Sequence[Captioned], path: Path, flavours: Sequence[str], engine_config) -> Path:
+    import dataclasses
+    import json
+
+    columns: dict[str, list] = {f.name: [] for f in CAPTION_SCHEMA}
+    labels, embeddings = [], []
+    for item in captioned:
+        base = {"id": item.id, "meta": "{}"}
+        if item.error is not None:
+            rows = [{**base, "kind": "error", "error": item.error}]
+            labels.append(None)
+            embeddings.append(None)
+        else:
+            rows = []
+            for k, view in enumerate(item.views):
+                where = {} if item.plain else {"view": k, "yaw": view.yaw, "pitch": view.pitch, "roll": view.roll,
+                                               "fov": view.fov, "width": view.width, "height": view.height}
+                rows.append({**base, **where, "kind": "view", "caption": item.captions[k], "prompt": item.prompts[k]})
+                labels.append({name: [item.flavours[k][name]] for name in flavours})
+                embeddings.append(item.embeddings[k].float().numpy().astype(np.float16))
+        for row in rows:
+            for name in columns:
+                columns[name].append(row.get(name))
+    columns["labels"] = label_lists(labels)
+    columns["embedding"] = pa.array(embeddings, SCHEMA.field("embedding").type)
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c, f.type) for f, c in ((f, columns[f.name]) for f in CAPTION_SCHEMA)]
+    metadata = None
+    if engine_config is not None:
+        metadata = {b"mimetic": json.dumps({"table": "captions", "engine_config": dataclasses.asdict(engine_config)}, default=str)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_arrays(arrays, schema=CAPTION_SCHEMA.with_metadata(metadata)), tmp)
+    os.replace(tmp, path)
+    return path
