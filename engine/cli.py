@@ -31,7 +31,7 @@ BACKENDS = ("auto", "triton", "numba", "torch")
 
 # Commands that live beside the features they drive, each a module with add_parsers(commands) and
 # run(args) -> exit status, or None when the command is not its own. They import torch lazily.
-COMMAND_MODULES = ("engine.dream.cli", "engine.serve.cli", "engine.ingest.cli")
+COMMAND_MODULES = ("engine.dream.cli", "engine.dream.caption_cli", "engine.serve.cli", "engine.ingest.cli")
 
 TRACEBACK_ENV = "MIMETIC_TRACEBACK"  # =1: a user's error raises with its traceback instead of one line
 USAGE_ERROR = 2  # the exit status of a user's mistake, as argparse uses for a bad flag
@@ -309,6 +309,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     path = make_tiny_clip(args.dir)
     print(f"tiny untrained open_clip model written to {path}; load it with --clip-model local-dir:{path}")
     make_tiny_sd(args.dir)
+    from engine.models.tiny_caption import make_tiny_caption
+
+    path = make_tiny_caption(args.dir)
+    print(f"tiny untrained BLIP captioner written to {path}; load it with --caption-model {path}")
     return 0
 
 

@@ -109,3 +109,52 @@ def test_a_flavour_the_engine_did_not_load_is_refused_before_any_work(engine, ca
 def test_a_captions_file_must_be_csv_or_parquet(captioned, tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.csv or \.parquet"):
         write_captions(captioned, tmp_path / "c.json", FLAVOURS)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+def test_mimetic_caption_writes_a_row_per_view_is_deterministic_and_keeps_going(tmp_path):
+    from .test_cli import mimetic
+
+    assert mimetic("models", "make-tiny", str(tmp_path / "m")).returncode == 0
+    assert (tmp_path / "m" / "caption" / "config.json").is_file()  # make-tiny writes the captioner too
+    common = ["--caption-model", str(tmp_path / "m" / "caption"), "--clip-model", f"local-dir:{tmp_path / 'm' / 'clip'}",
+              "--views", "ring4", "--quiet"]
+    missing = str(tmp_path / "missing.jpg")
+    first = mimetic("caption", str(PANORAMAS / "louvre.jpg"), missing, "--out", str(tmp_path / "a.csv"), *common)
+    assert first.returncode == 1, first.stderr  # one input failed; the other was captioned
+    assert f"{missing}: cannot read the file" in first.stderr and "4 captions of 1 of 2 images" in first.stdout
+    second = mimetic("caption", str(PANORAMAS / "louvre.jpg"), missing, "--out", str(tmp_path / "b.csv"), *common)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert second.returncode == 1
+    rows = list(csv.DictReader((tmp_path / "a.csv").read_text().splitlines()))
+    assert len(rows) == 5 and rows[-1]["error"].startswith(missing)
+    # A folder of plain photographs: one caption each.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with Image.open(PANORAMAS / "louvre.jpg") as im:
+        for k in range(3):
+            im.convert("RGB").crop((600 * k, 600, 600 * k + 400, 900)).save(photos / f"p{k}.jpg")
+    run = mimetic("caption", *sorted(str(p) for p in photos.iterdir()), "--plain", "--out", str(tmp_path / "p.parquet"), *common)
+    assert run.returncode == 0, run.stderr
+    table = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert [r["id"].rsplit("/", 1)[-1] for r in table] == ["p0.jpg", "p1.jpg", "p2.jpg"] and all(r["view"] is None for r in table)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--flavours", "nonsense"], "unknown vocabulary 'nonsense'"),
+        (["--caption-beams", "0"], "--caption-beams: expected a positive integer"),
+        (["--out", "c.txt"], "must end in .csv or .parquet"),
+        ([], "no captioner: pass --caption-model DIR"),
+    ],
+)
+def test_mimetic_caption_bad_parameters_are_one_line_and_exit_2(argv, message, tmp_path):
+    from .test_cli import mimetic
+
+    args = ["caption", "x.jpg", "--out", str(tmp_path / "c.csv"), *argv]
+    run = mimetic(*args)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "c.csv").exists()
