@@ -1,6 +1,7 @@
 """The ``mimetic caption`` command: a thin shell over ``engine.dream.interrogate``.
 
     mimetic caption PANO [PANO ...] --out captions.csv [--caption-model DIR] [--flavours mediums,movements,styles] [--plain]
+    mimetic translate IMAGE [IMAGE ...] --rounds N --out DIR --sd-model DIR --caption-model DIR [--mode txt2img|img2img]
 
 A folder of images to a captions CSV is one command: ``mimetic caption photos/*.jpg --plain --out captions.csv``.
 Parameters are checked before any model loads; a bad one is one line and exit status 2. An input that
@@ -13,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-COMMANDS = ("caption",)
+COMMANDS = ("caption", "translate")
 DEFAULT_FLAVOURS = ("mediums", "movements", "styles")
 
 
@@ -45,15 +46,57 @@ def add_parsers(commands) -> None:
     caption.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_engine_arguments(caption, exclude=("vocabularies",))  # the flavours are its vocabularies
 
+    from engine.dream.translate import MODES, TranslateParams
+
+    defaults = TranslateParams()
+    translate = commands.add_parser(
+        "translate",
+        help="image -> caption -> image -> caption ... for N rounds, with CLIP image and text drift",
+        description=(
+            "Round 1 captions each input (a plain image as it is, a 2:1 panorama's --view). Each later round makes an image "
+            "from the previous text (txt2img, or img2img from the previous image) with seed + round, and captions it. "
+            "Writes DIR/<stem>/round_NNN.png, DIR/<stem>.mp4, DIR/<stem>-contact.png, DIR/<stem>-drift.csv and DIR/translate.json."
+        ),
+    )
+    translate.add_argument("images", nargs="+", metavar="IMAGE", help="plain images or equirectangular panoramas")
+    translate.add_argument("--rounds", type=int, default=defaults.rounds, help=f"rounds of translation, the first being the input's caption (default {defaults.rounds})")
+    translate.add_argument("--mode", choices=MODES, default=defaults.mode, help=f"how text becomes an image (default {defaults.mode})")
+    translate.add_argument("--strength", type=float, default=defaults.strength, help=f"img2img strength in (0, 1] (default {defaults.strength})")
+    translate.add_argument("--steps", type=int, default=defaults.steps, help=f"denoising steps (default {defaults.steps})")
+    translate.add_argument("--guidance", type=float, default=defaults.guidance, help=f"classifier-free guidance scale (default {defaults.guidance})")
+    translate.add_argument("--seed", type=int, default=defaults.seed, help="round r uses seed + r (default 0)")
+    translate.add_argument("--view", type=float, default=0.0, metavar="YAW", help="for a panorama: the yaw of the 90-degree view to start from (default 0)")
+    translate.add_argument("--plain", action="store_true", help="read every input as a plain image, even a 2:1 one")
+    translate.add_argument("--out", required=True, type=Path, metavar="DIR")
+    translate.add_argument("--sd-model", default=None, metavar="DIR", help="a local diffusers folder")
+    translate.add_argument("--caption-model", default=None, metavar="DIR", help="a local transformers captioner folder")
+    translate.add_argument("--caption-beams", type=positive_int, default=DEFAULT_BEAMS)
+    translate.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS)
+    translate.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    add_engine_arguments(translate, exclude=("seed", "vocabularies"))
+
 
 def run(args: argparse.Namespace) -> int | None:
     if args.command not in COMMANDS:
         return None
+    return _caption(args) if args.command == "caption" else _translate(args)
+
+
+def _captioner(args, device):
+    from engine.models.caption import Captioner, CaptionModelError, check_generation
+
+    check_generation(args.caption_beams, args.caption_max_tokens)
+    if not args.caption_model:
+        raise CaptionModelError("no captioner: pass --caption-model DIR (a local transformers folder; "
+                                "`mimetic models make-tiny DIR` writes a tiny one to DIR/caption)")
+    return lambda: Captioner(args.caption_model, device=device, beams=args.caption_beams, max_tokens=args.caption_max_tokens)
+
+
+def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from engine.cli import config_from_args
     from engine.dream.interrogate import interrogate, write_captions
-    from engine.models.caption import Captioner, CaptionModelError, check_generation
     from engine.pipeline import Engine, Panorama
     from engine.vocab import load_vocabulary
 
@@ -63,14 +106,11 @@ def run(args: argparse.Namespace) -> int | None:
     names = tuple(load_vocabulary(name).name for name in flavours)  # an unknown one fails here, before any model
     if args.out.suffix.lower() not in (".csv", ".parquet"):
         raise ValueError(f"--out {args.out}: the captions file must end in .csv or .parquet")
-    check_generation(args.caption_beams, args.caption_max_tokens)
-    if not args.caption_model:
-        raise CaptionModelError("no captioner: pass --caption-model DIR (a local transformers folder; "
-                                "`mimetic models make-tiny DIR` writes a tiny one to DIR/caption)")
     config = config_from_args(args)
+    make_captioner = _captioner(args, config.device)
     config.vocabularies = flavours
     engine = Engine(config)
-    captioner = Captioner(args.caption_model, device=config.device, beams=args.caption_beams, max_tokens=args.caption_max_tokens)
+    captioner = make_captioner()
     plain = True if args.plain else (None if args.plain_if_not_2to1 else False)
     inputs = [Panorama(id=str(path), data=path) for path in args.images]
     with tqdm(total=len(inputs), unit="image", desc="caption", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
@@ -81,4 +121,50 @@ def run(args: argparse.Namespace) -> int | None:
         print(item.error, file=sys.stderr)
     views = sum(len(c.captions) for c in captioned)
     print(f"{views} captions of {len(captioned) - len(failed)} of {len(captioned)} images -> {args.out}")
+    return 1 if failed else 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from engine.cli import config_from_args
+    from engine.decode import DecodeError, decode_image
+    from engine.dream.cli import _dreamer
+    from engine.dream.translate import TranslateParams, save_translate, translate
+    from kernels import ViewSpec, reproject
+
+    params = TranslateParams(rounds=args.rounds, mode=args.mode, strength=args.strength, steps=args.steps,
+                             guidance=args.guidance, seed=args.seed)
+    params.check()
+    config = config_from_args(args)
+    config.seed, config.vocabularies = args.seed, ()
+    make_captioner = _captioner(args, config.device)
+    args.size = None
+    dreamer = _dreamer(args, config)
+    from engine.pipeline import Engine
+
+    engine, captioner = Engine(config), make_captioner()
+    images, sources, failed = [], [], []
+    for path in args.images:
+        try:
+            image = decode_image(path, name=str(path), max_pixels=config.max_pixels)
+        except DecodeError as exc:
+            failed.append({"id": str(path), "source": str(path), "error": str(exc)})
+            print(exc, file=sys.stderr)
+            continue
+        if not args.plain and image.shape[1] == 2 * image.shape[0]:  # a panorama: its --view, at the model's size
+            view = ViewSpec(args.view, 0.0, 0.0, 90.0, dreamer.size, dreamer.size)
+            image = reproject([torch.from_numpy(image)], [view], out_dtype=torch.uint8, layout="NHWC")[0, 0].numpy()
+        images.append((str(path), image))
+        sources.append(str(path))
+    started = time.perf_counter()
+    with tqdm(total=len(images) * params.rounds, unit="round", desc="translate", file=sys.stderr, disable=args.quiet,
+              dynamic_ncols=True) as bar:
+        runs = translate(engine, dreamer, captioner, images, params, progress=bar.update) if images else []
+    save_translate(runs, args.out, engine=engine, dreamer=dreamer, captioner=captioner, params=params, sources=sources,
+                   failed=failed, seconds=time.perf_counter() - started)
+    print(f"{len(runs)} of {len(args.images)} images translated for {params.rounds} rounds -> {args.out}/translate.json")
     return 1 if failed else 0
