@@ -40,8 +40,8 @@ import torch
 from bench._results import OUT_HELP, versions, write_result
 from bench.clip import DEFAULT_PANO, jpeg_panoramas
 from bench.reproject import cpu_model
-from engine import EngineConfig, Panorama
-from engine.ingest.job import ingest, make_engine
+from engine import Engine, EngineConfig, Panorama
+from engine.ingest.job import ingest
 
 BENCH_DIR = Path(__file__).resolve().parent
 TARGET_FRACTION = 0.9
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     config = EngineConfig(clip_model="ViT-B-32", random_weights=True, batch_size=batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # random weights: expected here, said above
-        engine = make_engine(config)
+        engine = Engine(config)
 
     scratch = Path(tempfile.mkdtemp(prefix="mimetic-bench-ingest-"))
     ray_ingest = None

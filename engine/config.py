@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_VOCABULARIES = ("styles", "periods", "urban")
+DEFAULT_MAX_PIXELS = 2**28  # 268 MP: a 23k x 11.5k panorama, 805 MB as uint8 RGB (engine.decode's default too)
+DEFAULT_SHARD_SIZE = 1000  # inputs per ingest shard (engine.ingest.job), the unit of commit and resume
 
 
 @dataclass
@@ -29,6 +31,6 @@ class EngineConfig:
     top_k: int = field(default=5, metadata={"help": "labels kept per vocabulary, per view and pooled"})
     antialias: bool = field(default=True, metadata={"help": "the reprojection kernel's footprint (tent) filter; without it views are sampled plainly bilinearly"})
     decode_workers: int = field(default=4, metadata={"help": "threads decoding images ahead of the model"})
-    max_pixels: int = field(default=2**28, metadata={"help": "largest image accepted, in pixels (decompression-bomb guard)"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "largest image accepted, in pixels (decompression-bomb guard)"})
     max_decode_mib: int = field(default=2048, metadata={"help": "memory for images being decoded or waiting for the model, over every input at once, in MiB"})
     seed: int = field(default=0, metadata={"help": "seed of the untrained weights of --random-weights, so a demo or bench run is reproducible", "minimum": 0})

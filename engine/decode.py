@@ -63,12 +63,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
+from engine.config import DEFAULT_MAX_PIXELS
+
 if TYPE_CHECKING:
     import torch
 
     from kernels import ViewSpec
-
-DEFAULT_MAX_PIXELS = 2**28  # 268 MP: a 23k x 11.5k panorama, 805 MB as uint8 RGB
 
 Image.MAX_IMAGE_PIXELS = None  # see the module docstring: max_pixels below is the guard
 

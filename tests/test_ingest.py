@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama
-from engine.ingest import job as ingest_module
 from engine.ingest import run as run_module
 from engine.ingest.inputs import InputError, RunMismatchError, canonical_fields, list_inputs
 from engine.ingest.job import ingest
@@ -486,22 +485,15 @@ def test_the_progress_bar_shows_panoramas_views_per_second_and_errors(tmp_path, 
 def test_random_weights_are_the_same_in_every_process(tmp_path, caplog):
     """--random-weights is seeded, so a resumed run, a Ray actor and a query all see one model; the seed
     is in the run's fingerprint, since another seed is another model."""
-    from engine.ingest.job import make_engine
     from engine.ingest.run import config_fingerprint
 
     config = EngineConfig(clip_model="ViT-B-32", random_weights=True, vocabularies=(), device="cpu")
-    first = make_engine(config).embed_text(["a street"])
+    first = Engine(config).embed_text(["a street"])
     torch.manual_seed(1234)  # whatever the process did before
-    second = make_engine(config).embed_text(["a street"])
+    second = Engine(config).embed_text(["a street"])
     assert torch.equal(first, second)
     assert caplog.text.count("RANDOM") >= 2  # said every time
     fingerprint = lambda c: config_fingerprint(c, north_up=False, shard_size=8)  # noqa: E731
     assert fingerprint(config) != fingerprint(EngineConfig(**{**config.__dict__, "seed": 1}))
     trained = EngineConfig(clip_model="ViT-B-32", vocabularies=())
     assert fingerprint(trained) == fingerprint(EngineConfig(**{**trained.__dict__, "seed": 1}))  # unused there
-
-
-def test_the_command_line_default_shard_size_is_the_library_one():
-    from engine.ingest import cli as ingest_cli
-
-    assert ingest_cli.DEFAULT_SHARD_SIZE == ingest_module.DEFAULT_SHARD_SIZE

@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 
 from engine.cli import positive_int
+from engine.config import DEFAULT_SHARD_SIZE
 
-# engine.ingest.job.DEFAULT_SHARD_SIZE, written out so that building the parser does not import pyarrow
-# (a test keeps them equal).
-DEFAULT_SHARD_SIZE = 1000
 
 def add_parsers(commands) -> None:
     """Add ``ingest`` and ``query`` to the ``mimetic`` command's subparsers."""

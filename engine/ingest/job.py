@@ -58,13 +58,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from engine.config import EngineConfig
+from engine.config import DEFAULT_SHARD_SIZE, EngineConfig
 from engine.ingest.inputs import HEADING_COLUMNS, InputItem, Listing, canonical_fields, list_inputs
 from engine.ingest.run import SUMMARY, RunFolder, _now, config_fingerprint, write_json_atomic
 from engine.ingest.tables import shard_tables, yaw_offset
-
-DEFAULT_SHARD_SIZE = 1000
-
 
 # -- one shard, shared by the local job and the Ray actors ------------------------------------------
 
@@ -136,14 +133,6 @@ def build_shard(run: RunFolder, shard: int, outcomes: list, *, north_up: bool, c
         "quarantined": tables["quarantine"].num_rows, "files": list(parts), "parts": parts,
         "seconds": round(seconds, 3), "committed_at": _now(),
     }
-
-
-def make_engine(config: EngineConfig):
-    """The Engine for ``config``. With --random-weights it draws its untrained weights from ``config.seed``
-    (which the fingerprint records), so every process (resume, Ray actors, query) builds the same model."""
-    from engine.pipeline import Engine
-
-    return Engine(config)
 
 
 # -- progress ---------------------------------------------------------------------------------------
@@ -278,7 +267,11 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
                  hash_inputs=hash_inputs, verify=verify)
         pending = run.pending()
         if pending and engine is None:
-            engine = make_engine(config)
+            from engine.pipeline import Engine
+
+            # --random-weights draws from config.seed (engine.models.clip), which the fingerprint records:
+            # a resumed run, a Ray actor and a query all build this same model.
+            engine = Engine(config)
         progress = Progress(sum(len(shard_items(listing, run, k)) for k in pending), run.shards(), run.shards() - len(pending), quiet=quiet)
         try:
             if pending:

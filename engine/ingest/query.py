@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 
 from engine.config import EngineConfig
 from engine.ingest.inputs import InputError
-from engine.ingest.job import make_engine
 from engine.ingest.run import RunFolder, committed_parts
 from engine.results import KINDS, read_engine_config, write_csv
 
@@ -67,7 +66,9 @@ def run_engine(target: str | os.PathLike, device: str = "auto"):
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     stored = {k: v for k, v in stored.items() if k in fields}
     stored.update(vocabularies=(), device=device)
-    return make_engine(EngineConfig(**stored))
+    from engine.pipeline import Engine
+
+    return Engine(EngineConfig(**stored))  # --random-weights: config.seed gives the run's own model
 
 
 def _parts(target: str | os.PathLike, table: str) -> list[tuple[Path, list | None]]:

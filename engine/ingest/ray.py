@@ -50,7 +50,6 @@ from engine.ingest.job import (
     Progress,
     build_shard,
     embed_in_order,
-    make_engine,
     prepare,
     shard_items,
     write_summary,
@@ -71,9 +70,11 @@ class ShardWorker:
     def __init__(self, config: EngineConfig, out: str, north_up: bool, context: dict, threads: int | None):
         import torch
 
+        from engine.pipeline import Engine
+
         if threads:
             torch.set_num_threads(threads)  # the actor's share of the node's CPUs, not all of them
-        self.engine = make_engine(config)
+        self.engine = Engine(config)
         self.run = RunFolder(out)
         self.north_up = north_up
         self.context = context
