@@ -13,6 +13,7 @@ import time
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -64,7 +65,10 @@ def test_tiny_loads_through_local_dir(tiny, tiny_dir):
     assert tiny.device == torch.device("cpu") and tiny.dtype == torch.float32
     assert tiny.attention == "sdpa" and not tiny.compiled
     assert not tiny.model.training
-    assert tiny.learned_logit_scale() == pytest.approx(1 / 0.07, rel=1e-5)  # untrained CLIP's init
+    # The folder's weights, not a fresh initialisation: every tensor is the one in the checkpoint file.
+    saved = load_file(str(tiny_dir / "open_clip_model.safetensors"))
+    assert saved.keys() == tiny.model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in tiny.model.state_dict().items())
 
 
 def test_tiny_model_is_reproducible(tiny_dir, tmp_path):
@@ -272,6 +276,37 @@ def test_encode_text(tiny):
     assert torch.allclose(emb, tiny.encode_text(TEXTS, batch_size=2), atol=1e-6)  # batching changes nothing
     assert not torch.allclose(emb[0], emb[1])
     assert tiny.encode_text([]).shape == (0, 32)
+
+
+def as_open_clip_prepares(clip: ClipModel, images: list[np.ndarray]) -> torch.Tensor:
+    """Reference embeddings of uint8 images through open_clip's own eval transform (PIL bicubic resize,
+    centre crop, ToTensor, Normalize) and the raw model, none of this project's code on the way."""
+    import open_clip
+    from PIL import Image
+
+    transform = open_clip.image_transform(clip.image_size, is_train=False, mean=clip.mean, std=clip.std)
+    batch = torch.stack([transform(Image.fromarray(np.ascontiguousarray(image))) for image in images])
+    with torch.no_grad():
+        return torch.nn.functional.normalize(clip.model.encode_image(batch).float(), dim=-1)
+
+
+def unit_floats(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_embed_pixels_is_open_clips_own_preprocessing(tiny, louvre):
+    """Images of any size in [0, 1] (dreams, loop frames): resized and normalised as open_clip itself does it."""
+    at_size = [louvre[100:164, 500:564], louvre[900:964, 2000:2064], louvre[1500:1564, 3000:3064]]  # 64 px: no resize
+    emb = tiny.embed_pixels(unit_floats(at_size))
+    assert emb.shape == (3, 32) and emb.dtype == torch.float32 and emb.device.type == "cpu"
+    torch.testing.assert_close(emb, as_open_clip_prepares(tiny, at_size), atol=1e-5, rtol=0)
+    # 128 px, halved on the way in: torch's antialiased bicubic against PIL's, a resampling difference only.
+    larger = [louvre[200:328, 300:428], louvre[400:528, 1000:1128]]
+    torch.testing.assert_close(tiny.embed_pixels(unit_floats(larger)), as_open_clip_prepares(tiny, larger), atol=2e-3, rtol=0)
+    torch.testing.assert_close(tiny.embed_pixels(unit_floats(at_size), batch_size=2), emb, atol=1e-6, rtol=0)
+    assert tiny.embed_pixels(torch.zeros(0, 3, 64, 64)).shape == (0, 32)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        tiny.embed_pixels(torch.zeros(3, 64, 64))
 
 
 def test_compiled_image_tower_matches(tiny_dir, tiny, views):

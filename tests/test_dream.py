@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama, cli
-from engine.dream.core import clip_embed, count_mp4_frames, from_uint8, text_embed
+from engine.dream.core import count_mp4_frames
 from engine.dream.dream import dream, save_dreams
 from engine.dream.loop import LoopResult, fit_square, loop, save_loop
 from engine.dream.params import DreamParams, LoopParams, WalkParams
@@ -21,7 +21,17 @@ from engine.models.diffusion import DiffusionModelError, Dreamer, check_size, cl
 from engine.models.tiny import make_tiny_clip
 from engine.models.tiny_sd import make_tiny_sd
 
+from .test_clip_model import as_open_clip_prepares
+
 STEPS = 4
+ROUNDING = 2e-3  # a cosine recomputed from the saved uint8 images, against the float images it was scored on
+
+
+def reference_text(engine, texts) -> torch.Tensor:
+    """Unit text embeddings from open_clip's tokenizer and the raw model, not through the engine."""
+    clip = engine.clip
+    with torch.no_grad():
+        return torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(texts)).float(), dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +143,18 @@ def test_trajectory_has_a_frame_every_k_steps(dreamer, views, steps, strength, e
 def test_trajectory_drift_curve_is_recorded_per_view(engine, dreamer, small):
     params = DreamParams(prompt="a street", strength=1.0, steps=STEPS, trajectory_every=2, batch_size=8)
     [result] = dream(engine, dreamer, [Panorama(id="louvre", data=small["louvre"])], params)
+    prompt = reference_text(engine, ["a street"])[0]
+    drifts = []
     for d in result.dreams:
         t = d.trajectory
         assert t.steps == [2, 4] and t.frames.shape == (2, 64, 64, 3) and t.frames.dtype == np.uint8
-        assert len(t.drift) == len(t.prompt_cosine) == 2
-        assert all(0 <= x <= 2 for x in t.drift) and all(-1 <= x <= 1 for x in t.prompt_cosine)
+        # 1 - cos(view, frame) and cos(frame, prompt), recomputed with open_clip's own preprocessing.
+        view = as_open_clip_prepares(engine.clip, [d.source])[0]
+        frames = as_open_clip_prepares(engine.clip, list(t.frames))
+        np.testing.assert_allclose(t.drift, (1 - frames @ view).numpy(), atol=ROUNDING, rtol=0)
+        np.testing.assert_allclose(t.prompt_cosine, (frames @ prompt).numpy(), atol=ROUNDING, rtol=0)
+        drifts.append(t.drift[-1])
+    assert max(drifts) - min(drifts) > 10 * ROUNDING  # the views drift by different amounts: the check has teeth
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -182,15 +199,16 @@ def test_prompts_from_labels_contain_each_views_top_labels(engine, dreamer, smal
 def test_mimesis_scores_are_clip_cosines_of_view_dream_and_prompt(engine, dreamer, small):
     params = DreamParams(prompt="a baroque street", strength=0.75, steps=STEPS, seed=2)
     [result] = dream(engine, dreamer, [Panorama(id="louvre", data=small["louvre"])], params)
-    sources = clip_embed(engine, from_uint8(np.stack([d.source for d in result.dreams])))
-    images = clip_embed(engine, from_uint8(np.stack([d.image for d in result.dreams])))
-    prompt = text_embed(engine, ["a baroque street"])[0]
-    for k, d in enumerate(result.dreams):  # recomputed from the returned uint8 images: rounding only
-        assert math.isclose(d.scores["view_dream"], float(sources[k] @ images[k]), abs_tol=5e-3)
-        assert math.isclose(d.scores["dream_prompt"], float(images[k] @ prompt), abs_tol=5e-3)
-        assert math.isclose(d.scores["view_prompt"], float(sources[k] @ prompt), abs_tol=5e-3)
-    assert math.isclose(float(sources[0] @ sources[0]), 1, abs_tol=1e-5)
-    assert len({round(d.scores["view_dream"], 4) for d in result.dreams}) == 4  # each view its own score
+    # Recomputed from the returned uint8 images with open_clip's own preprocessing and the raw model.
+    sources = as_open_clip_prepares(engine.clip, [d.source for d in result.dreams])
+    images = as_open_clip_prepares(engine.clip, [d.image for d in result.dreams])
+    prompt = reference_text(engine, ["a baroque street"])[0]
+    for k, d in enumerate(result.dreams):
+        assert math.isclose(d.scores["view_dream"], float(sources[k] @ images[k]), abs_tol=ROUNDING)
+        assert math.isclose(d.scores["dream_prompt"], float(images[k] @ prompt), abs_tol=ROUNDING)
+        assert math.isclose(d.scores["view_prompt"], float(sources[k] @ prompt), abs_tol=ROUNDING)
+    view_dream = [d.scores["view_dream"] for d in result.dreams]
+    assert max(view_dream) - min(view_dream) > 10 * ROUNDING  # each view its own score, apart by more than rounding
 
 
 def test_a_bad_panorama_gets_its_error_and_the_others_go_on(engine, dreamer, small):
@@ -261,7 +279,12 @@ def test_loop_records_k_plus_one_drift_values_and_replays_from_any_frame(engine,
         assert result.frames.shape == (4, 64, 64, 3) and np.array_equal(result.frames[0], fit_square(image, 64))
         assert len(result.drift) == len(result.step_drift) == len(result.prompt_cosine) == 4
         assert abs(result.drift[0]) < 1e-5 and result.step_drift[0] == 0 and result.seeds == [10, 11, 12]
-        assert all(0 <= x <= 2 for x in result.drift)
+        # Every curve recomputed from the saved frames (the very pixels each iteration embedded).
+        frames = as_open_clip_prepares(engine.clip, list(result.frames))
+        np.testing.assert_allclose(result.drift, (1 - frames @ frames[0]).numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(result.step_drift[1:], (1 - (frames[1:] * frames[:-1]).sum(-1)).numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(result.prompt_cosine, (frames @ reference_text(engine, ["a painting"])[0]).numpy(), atol=1e-4, rtol=0)
+        assert result.drift[-1] > 1e-2  # three img2img rounds at strength 0.5 do move the image
     # The saved frames 1, looped again from seed 11 (the same batch), give frames 2 and 3 again, bit for bit.
     again = [(f"again{k}", result.frames[1]) for k, result in enumerate(results)]
     replay = loop(engine, dreamer, again, LoopParams(iterations=2, strength=0.5, steps=STEPS, prompt="a painting", seed=11))

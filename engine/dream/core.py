@@ -70,21 +70,9 @@ def _scaled(progress: Progress, items: int) -> Progress:
 
 
 def clip_embed(engine: Engine, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float images in [0, 1] -> (B, D) unit CLIP embeddings, float32 on the CPU.
-
-    Resized to CLIP's input with antialiasing and normalised with the model's own mean and std.
-    """
-    clip = engine.clip
-    mean = torch.tensor(clip.mean).view(1, 3, 1, 1)
-    std = torch.tensor(clip.std).view(1, 3, 1, 1)
-    out = []
-    for chunk in images.split(engine.config.batch_size):
-        x = chunk.to(clip.device, torch.float32)
-        if tuple(x.shape[-2:]) != tuple(clip.image_size):
-            x = F.interpolate(x, size=clip.image_size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        x = (x - mean.to(x.device)) / std.to(x.device)
-        out.append(clip.encode_images(x.to(clip.dtype)).float().cpu())
-    return F.normalize(torch.cat(out), dim=1)
+    """(B, 3, H, W) float images in [0, 1] -> (B, D) unit CLIP embeddings, float32 on the CPU
+    (``ClipModel.embed_pixels``, in the Engine's batches)."""
+    return engine.clip.embed_pixels(images, batch_size=engine.config.batch_size)
 
 
 def text_embed(engine: Engine, texts: list[str]) -> torch.Tensor:

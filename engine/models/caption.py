@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.models.clip import _resolve_device
+from engine.models.device import resolve_device
 from kernels import ViewSpec, reproject
 
 DEFAULT_BEAMS = 3  # BLIP's own captioning evaluation uses beam search of 3
@@ -66,7 +66,7 @@ class Captioner:
     ):
         check_generation(beams, max_tokens)
         self.folder = _check_folder(folder)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.beams, self.max_tokens, self.batch_size = beams, max_tokens, batch_size
         self.model, self.processor = _load(self.folder, self.dtype)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.attention import configure_attention
+from engine.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,26 @@ class ClipModel:
                 return torch.empty(0, self.embed_dim, dtype=self.dtype, device=self.device)
             return torch.cat(out)
 
-    def learned_logit_scale(self) -> float:
-        """The model's own learned ``exp(logit_scale)`` (100 for trained OpenAI CLIP; 1/0.07 if untrained)."""
-        scale = getattr(self.model, "logit_scale", None)
-        return float(scale.detach().float().exp().reshape(-1)[0]) if scale is not None else ZERO_SHOT_LOGIT_SCALE
+    def embed_pixels(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """(B, 3, H, W) float images in [0, 1], any size -> (B, D) unit embeddings, float32 on the CPU.
+
+        For images that are not views cut to the tower's size by the kernel (dreams, loop frames, captioned
+        rounds): each is resized to ``image_size`` (bicubic, antialiased, as open_clip's own preprocessing
+        resizes) and normalised with the model's ``mean`` and ``std``. Images of several origins embedded
+        this way differ only in what they show, not in how they were resampled.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        out = [torch.empty(0, self.embed_dim)]
+        for chunk in images.split(batch_size) if len(images) else ():  # split gives an empty tensor one chunk
+            x = chunk.to(self.device, torch.float32)
+            if tuple(x.shape[-2:]) != tuple(self.image_size):
+                x = F.interpolate(x, size=self.image_size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            out.append(self.encode_images((x - mean) / std).float().cpu())
+        # Normalised again in fp32: on CUDA encode_images stores its unit vectors in fp16.
+        return F.normalize(torch.cat(out), dim=1)
 
 
 def _unit(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -129,7 +146,7 @@ def load_clip(
     import open_clip
 
     weights = os.fspath(weights) if weights is not None else None  # a Path works too
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     precision = "fp16" if dev.type == "cuda" else "fp32"
     is_local_dir = model_name.startswith(LOCAL_DIR)
     if is_local_dir:
@@ -412,28 +429,6 @@ def _check_local_dir(model_name: str) -> None:
         raise WeightsError(f"{model_name}: no such directory {folder}. {_OPTIONS}")
     if not (folder / "open_clip_config.json").is_file():
         raise WeightsError(f"{model_name}: {folder} has no open_clip_config.json. {_OPTIONS}")
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """"auto", "cpu", "cuda", "cuda:N" (or a torch.device) -> a device this machine has; ValueError naming
-    --device otherwise, never torch's RuntimeError."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: not supported; use auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def _embed_dim(model: torch.nn.Module) -> int:

@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 
+from engine.models.attention import BACKENDS as ATTENTION_BACKENDS
 from engine.models.attention import xformers_available
-from engine.models.clip import _resolve_device
+from engine.models.device import resolve_device
 from kernels import ViewSpec, reproject
 
 log = logging.getLogger(__name__)
 
-ATTENTION = ("auto", "sdpa", "xformers")
 OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 PROMPT_EMBEDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 _HOW = (
@@ -127,12 +127,12 @@ class Dreamer:
     ):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {attention!r}")
         if size is not None:
             check_size(size)
         self.folder = _check_folder(folder)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         options = _absent_optional(self.folder)
         if importlib.util.find_spec("accelerate") is None:

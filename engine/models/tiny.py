@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 TINY_SEED = 20240917
 
@@ -40,10 +41,10 @@ TINY_MODEL_CFG: dict = {
     },
 }
 
-# OpenAI CLIP's normalisation (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
+# OpenAI CLIP's normalisation, as open_clip's own ViT-B-32 preprocess cfg has it.
 TINY_PREPROCESS_CFG: dict = {
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "std": [0.26862954, 0.26130258, 0.27577711],
+    "mean": list(OPENAI_DATASET_MEAN),
+    "std": list(OPENAI_DATASET_STD),
     "interpolation": "bicubic",
     "resize_mode": "shortest",
 }

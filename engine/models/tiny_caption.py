@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from engine.models.tiny_sd import WORDS
 
@@ -30,9 +31,8 @@ TINY_SIZE = 64  # the image encoder's input size (px): 4 x 4 patches of 16
 
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")  # ids 0..5, in this order
 
-# OpenAI CLIP's normalisation, which BLIP's processors use (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI CLIP's normalisation, which BLIP's processors use.
+MEAN, STD = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 VISION_CONFIG = {
     "hidden_size": 32,
