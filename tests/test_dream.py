@@ -419,13 +419,20 @@ def test_cli_dream_writes_images_and_the_record(models, small, tmp_path, capsys)
 
 def test_cli_walk_reads_yaml_keyframes(models, tmp_path, capsys):
     (tmp_path / "walk.yaml").write_text(
-        "steps: 2\nfps: 6\nkeyframes:\n  - {frame: 0, prompt: a street, seed: 1}\n  - {frame: 4, prompt: a church, seed: 2}\n"
+        "steps: 2\nfps: 6\nbatch_size: 4\nkeyframes:\n  - {frame: 0, prompt: a street, seed: 1}\n  - {frame: 4, prompt: a church, seed: 2}\n"
     )
     status = mimetic("walk", "--keyframes", str(tmp_path / "walk.yaml"), "--out", str(tmp_path / "walk.mp4"), "--sd-model", models["sd"])
     assert status == 0, capsys.readouterr().err
     assert count_mp4_frames(tmp_path / "walk.mp4") == 5
     record = json.loads((tmp_path / "walk.json").read_text())
     assert record["parameters"]["steps"] == 2 and record["parameters"]["fps"] == 6 and len(record["keyframes"]) == 2
+    assert record["parameters"]["batch_size"] == 4 and record["parameters"]["guidance"] == 7.5  # the file's, then the default
+    # A flag overrides the file, --sd-batch-size too (it used to lose to the file's batch_size).
+    status = mimetic("walk", "--keyframes", str(tmp_path / "walk.yaml"), "--out", str(tmp_path / "again.mp4"), "--sd-model", models["sd"],
+                     "--sd-batch-size", "2", "--fps", "9", "--quiet")
+    assert status == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "again.json").read_text())
+    assert (record["parameters"]["batch_size"], record["parameters"]["fps"], record["parameters"]["steps"]) == (2, 9, 2)
 
 
 def test_cli_loop_writes_frames_video_and_drift_curve(models, small, tmp_path, capsys):
@@ -437,6 +444,7 @@ def test_cli_loop_writes_frames_video_and_drift_curve(models, small, tmp_path, c
     record = json.loads((out / "loop.json").read_text())
     [entry] = record["images"]
     assert len(entry["drift"]) == 4 and entry["seeds"] == [0, 1, 2] and record["parameters"]["strength"] == 0.5
+    assert record["fps"] == record["parameters"]["fps"] == 12 and record["parameters"]["guidance"] == 7.5  # the defaults
     assert len(list((out / "view").glob("frame_*.png"))) == 4 and count_mp4_frames(out / "view.mp4") == 4
     with open(out / "view-drift.csv") as stream:
         rows = list(csv.DictReader(stream))

@@ -21,8 +21,14 @@ COMMANDS = ("dream", "walk", "loop")
 
 
 def add_parsers(commands) -> None:
-    """Add ``dream``, ``walk`` and ``loop`` to the ``mimetic`` command's subparsers."""
+    """Add ``dream``, ``walk`` and ``loop`` to the ``mimetic`` command's subparsers.
+
+    Every default is read from the parameters' dataclasses (``engine.dream.params``), which hold them once.
+    """
     from engine.cli import add_engine_arguments
+    from engine.dream.params import DreamParams, LoopParams, WalkParams
+
+    dreams, walks, loops = DreamParams(), WalkParams(), LoopParams()
 
     dream = commands.add_parser(
         "dream",
@@ -39,13 +45,14 @@ def add_parsers(commands) -> None:
     source.add_argument("--prompt", help="one prompt for every view")
     source.add_argument("--from-labels", metavar="VOCABS", help="comma-separated vocabularies (names or files) whose top labels make each view's prompt; KEY=VOCABULARY names its placeholder")
     dream.add_argument("--template", help='prompt template over the vocabularies, e.g. "a photograph of {styles}, {periods}" (the default), or with --from-labels style=styles,place=urban,period=periods "a photograph of a {style} {place}, {period}"')
-    dream.add_argument("--strength", type=float, default=0.5, help="img2img strength in (0, 1] (default 0.5)")
-    dream.add_argument("--steps", type=int, default=30, help="denoising steps of the full schedule (default 30; img2img runs steps x strength)")
-    dream.add_argument("--trajectory-every", type=int, default=None, metavar="K", help="also keep the predicted clean image of every K-th step, with its CLIP drift")
-    _add_generation_arguments(dream)
+    dream.add_argument("--strength", type=float, default=dreams.strength, help=f"img2img strength in (0, 1] (default {dreams.strength:g})")
+    dream.add_argument("--steps", type=int, default=dreams.steps,
+                       help=f"denoising steps of the full schedule (default {dreams.steps}; img2img runs steps x strength)")
+    dream.add_argument("--trajectory-every", type=int, default=dreams.trajectory_every, metavar="K", help="also keep the predicted clean image of every K-th step, with its CLIP drift")
+    _add_generation_arguments(dream, dreams)
     dream.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     add_engine_arguments(dream, exclude=("seed",))  # one --seed: the generators' and the random weights'
-    _add_model_arguments(dream)
+    _add_model_arguments(dream, dreams.batch_size)
 
     walk = commands.add_parser(
         "walk",
@@ -58,13 +65,14 @@ def add_parsers(commands) -> None:
     )
     walk.add_argument("--keyframes", required=True, type=Path, help="YAML/JSON: keyframes: [{frame, prompt, seed}, ...] and optional steps, guidance, negative_prompt, fps, batch_size")
     walk.add_argument("--out", required=True, type=Path, metavar="FILE.mp4")
-    walk.add_argument("--steps", type=int, default=None, help="denoising steps per frame (default 25)")
-    walk.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    # None: the keyframes file's setting, else WalkParams' default.
+    walk.add_argument("--steps", type=int, default=None, help=f"denoising steps per frame (default {walks.steps})")
+    walk.add_argument("--guidance", type=float, default=None, help=f"classifier-free guidance scale (default {walks.guidance:g})")
     walk.add_argument("--negative-prompt", default=None)
-    walk.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default 12)")
+    walk.add_argument("--fps", type=int, default=None, help=f"frames per second of the MP4 (default {walks.fps})")
     walk.add_argument("--frames", type=Path, default=None, metavar="DIR", help="also write every frame as a PNG here")
     add_engine_arguments(walk, only=("device", "attention", "compile"))  # a walk runs no CLIP: no CLIP flags
-    _add_model_arguments(walk)
+    _add_model_arguments(walk, walks.batch_size, unset=True)  # unset: the keyframes file may give it
 
     loop = commands.add_parser(
         "loop",
@@ -76,28 +84,35 @@ def add_parsers(commands) -> None:
         ),
     )
     loop.add_argument("images", nargs="+", metavar="IMAGE", help="any images (views, dreams, paintings)")
-    loop.add_argument("--iterations", type=int, default=100, help="K: times img2img is applied (default 100)")
-    loop.add_argument("--strength", type=float, default=0.3, help="img2img strength in (0, 1] (default 0.3)")
-    loop.add_argument("--steps", type=int, default=30, help="denoising steps of the full schedule (default 30)")
-    loop.add_argument("--prompt", default="", help='prompt for every iteration (default "": the model alone)')
-    loop.add_argument("--fps", type=int, default=12, help="frames per second of the MP4 (default 12)")
-    _add_generation_arguments(loop)
+    loop.add_argument("--iterations", type=int, default=loops.iterations, help=f"K: times img2img is applied (default {loops.iterations})")
+    loop.add_argument("--strength", type=float, default=loops.strength, help=f"img2img strength in (0, 1] (default {loops.strength:g})")
+    loop.add_argument("--steps", type=int, default=loops.steps, help=f"denoising steps of the full schedule (default {loops.steps})")
+    loop.add_argument("--prompt", default=loops.prompt, help=f'prompt for every iteration (default "{loops.prompt}": the model alone)')
+    loop.add_argument("--fps", type=int, default=loops.fps, help=f"frames per second of the MP4 (default {loops.fps})")
+    _add_generation_arguments(loop, loops)
     loop.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     add_engine_arguments(loop, exclude=("seed",))
-    _add_model_arguments(loop)
+    _add_model_arguments(loop, loops.batch_size)
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 turns it off)")
-    parser.add_argument("--negative-prompt", default="", help="negative prompt (default none)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed, and the seed of --random-weights' initialisation (default 0)")
+def _add_generation_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """--guidance, --negative-prompt and --seed, with the defaults of ``defaults`` (DreamParams or LoopParams)."""
+    parser.add_argument("--guidance", type=float, default=defaults.guidance,
+                        help=f"classifier-free guidance scale (default {defaults.guidance:g}; <= 1 turns it off)")
+    parser.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt (default none)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"generator seed, and the seed of --random-weights' initialisation (default {defaults.seed})")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Stable Diffusion model's own flags, which only dream, walk and loop have, and --quiet."""
+def _add_model_arguments(parser: argparse.ArgumentParser, batch_size: int, *, unset: bool = False) -> None:
+    """The Stable Diffusion model's own flags, which only dream, walk and loop have, and --quiet.
+
+    ``batch_size`` is --sd-batch-size's default; with ``unset`` the flag stays None when not given, so
+    that another source (walk's keyframes file) can set it before that default applies.
+    """
     group = parser.add_argument_group("stable diffusion")
     group.add_argument("--sd-model", default=None, metavar="DIR", help="a local diffusers folder (model_index.json, unet/, vae/, ...)")
-    group.add_argument("--sd-batch-size", type=int, default=8, help="images per diffusion call (default 8)")
+    group.add_argument("--sd-batch-size", type=int, default=None if unset else batch_size, help=f"images per diffusion call (default {batch_size})")
     group.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of 8 (default: the model's own, 512 for SD 1.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
@@ -179,9 +194,9 @@ def _walk(args) -> int:
     from engine.dream.walk import load_keyframes, save_walk, walk
 
     keyframes, settings = load_keyframes(args.keyframes)
-    overrides = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt, "fps": args.fps}
+    overrides = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt, "fps": args.fps,
+                 "batch_size": args.sd_batch_size}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    settings.setdefault("batch_size", args.sd_batch_size)
     try:
         params = WalkParams(**settings)
         params.check()
@@ -205,11 +220,9 @@ def _loop(args) -> int:
 
     params = LoopParams(
         iterations=args.iterations, strength=args.strength, steps=args.steps, guidance=args.guidance, prompt=args.prompt,
-        negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.sd_batch_size,
+        negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.sd_batch_size, fps=args.fps,
     )
     params.check()
-    if args.fps < 1:
-        raise ValueError(f"--fps must be an integer >= 1, got {args.fps}")
     config = config_from_args(args)
     images, failed = [], []
     for path in args.images:
@@ -225,7 +238,7 @@ def _loop(args) -> int:
     total = params.iterations * -(-len(images) // params.batch_size)
     with _progress(args, total, "iteration") as bar:
         results = loop(engine, dreamer, images, params, progress=bar.update) if images else []
-    record = save_loop(results, args.out, engine=engine, dreamer=dreamer, params=params, fps=args.fps,
+    record = save_loop(results, args.out, engine=engine, dreamer=dreamer, params=params,
                        sources=[path for path, _ in images], failed=failed, seconds=time.perf_counter() - start)
     for result in results:
         print(f"{result.id}: {len(result.seeds)} iterations, CLIP drift from the original {result.drift[-1]:.3f}")

@@ -103,7 +103,7 @@ def loop(engine: Engine, dreamer: Dreamer, images: Sequence[tuple[str, np.ndarra
 
 
 def save_loop(results: Sequence[LoopResult], out_dir: str | os.PathLike, *, engine: Engine, dreamer: Dreamer,
-              params: LoopParams, fps: int = 12, sources: Sequence[str] | None = None, failed: Sequence[dict] = (),
+              params: LoopParams, sources: Sequence[str] | None = None, failed: Sequence[dict] = (),
               seconds: float = 0.0) -> Path:
     """Per image: ``<stem>/frame_NNNN.png``, ``<stem>.mp4``, ``<stem>-contact.png``, ``<stem>-drift.csv``; then ``loop.json``."""
     from PIL import Image
@@ -111,13 +111,13 @@ def save_loop(results: Sequence[LoopResult], out_dir: str | os.PathLike, *, engi
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = _header("loop", dreamer, engine, params, seconds)
-    record["fps"], record["images"], record["failed"] = fps, [], list(failed)
+    record["fps"], record["images"], record["failed"] = params.fps, [], list(failed)
     for k, (stem, result) in enumerate(zip(file_stems([r.id for r in results]), results, strict=True)):
         folder = out / stem
         folder.mkdir(exist_ok=True)
         for i, frame in enumerate(result.frames):
             _save_png(frame, folder / f"frame_{i:04d}.png")
-        video = write_mp4(result.frames, out / f"{stem}.mp4", fps)
+        video = write_mp4(result.frames, out / f"{stem}.mp4", params.fps)
         Image.fromarray(contact_sheet(result.frames)).save(out / f"{stem}-contact.png")
         # Numbers stay numbers (rounded as before); the prompt is text, escaped if a spreadsheet would run it.
         rows = [

@@ -87,9 +87,11 @@ class LoopParams:
     negative_prompt: str = ""
     seed: int = 0  # iteration i (1-based) uses seed + i - 1
     batch_size: int = 8
+    fps: int = 12  # of each image's MP4
 
     def check(self) -> None:
         check_steps(self.iterations, "iterations")
+        check_steps(self.fps, "fps")
         img2img_steps(check_steps(self.steps), check_strength(self.strength))
         check_guidance(self.guidance)
         _check_seed(self.seed)
