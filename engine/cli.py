@@ -20,14 +20,12 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from engine import __version__
 from engine.views import DEFAULT_SIZE, PRESETS, describe_presets
-
-# kernels.BACKENDS, written out so that building the parser does not import torch (a test keeps them equal).
-BACKENDS = ("auto", "triton", "numba", "torch")
 
 # Commands that live beside the features they drive, each a module with add_parsers(commands) and
 # run(args) -> exit status, or None when the command is not its own. They import torch lazily.
@@ -41,6 +39,32 @@ EPILOG = (
     f"'mimetic COMMAND: error: ...', with exit status {USAGE_ERROR}; Ctrl-C exits with {INTERRUPTED}. "
     f"Set {TRACEBACK_ENV}=1 to see the full traceback instead."
 )
+
+
+class _KernelBackends(Sequence):
+    """``kernels.BACKENDS``, read only when argparse needs the choices (to check a ``--backend`` given, or to
+    list them in ``mimetic reproject --help``): importing ``kernels`` imports torch, and building the parser
+    must not."""
+
+    def __getitem__(self, index):
+        from kernels import BACKENDS
+
+        return BACKENDS[index]
+
+    def __len__(self) -> int:
+        from kernels import BACKENDS
+
+        return len(BACKENDS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as one line (DESIGN.md, "Errors"): ``mimetic CMD: error: ...``, exit 2.
+
+    Every subcommand's parser is one of these too (``add_subparsers`` makes its parsers of the parent's class).
+    """
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def _command_modules():
@@ -68,7 +92,7 @@ def _bounded_int(text: str, minimum: int, expected: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mimetic",
         description="Cut 360° equirectangular panoramas into perspective views, read them with CLIP and redraw them with Stable Diffusion.",
         epilog=EPILOG,
@@ -94,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--size", type=positive_int, default=DEFAULT_SIZE, help=f"view width and height in pixels (default {DEFAULT_SIZE})")
     rep.add_argument("--fov", type=float, default=None, help="horizontal fov in degrees, edge to edge, replacing the preset's (90)")
     rep.add_argument("--no-antialias", dest="antialias", action="store_false", help="plain bilinear sampling instead of the footprint (tent) filter")
-    rep.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default auto: triton on CUDA, numba on CPU)")
+    rep.add_argument("--backend", default="auto", choices=_KernelBackends(), metavar="BACKEND",
+                     help="kernel backend: %(choices)s (default auto: triton on CUDA, numba on CPU)")
 
     embed = commands.add_parser(
         "embed",
@@ -340,68 +365,20 @@ def cmd_version() -> int:
     return 0
 
 
-def _number(value: float) -> str:
-    """45.0 -> '45', -90.0 -> '-90', 22.5 -> '22.5': for file names."""
-    return f"{value:g}"
-
-
 def cmd_reproject(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
+    from engine.views import write_views
 
-    from engine.decode import DecodeError, decode_image
-    from engine.results import file_stems
-    from engine.views import view_set
-    from kernels import reproject
+    def report(entry: dict) -> None:
+        if "error" in entry:
+            print(f"mimetic reproject: error: {entry['source']}: {entry['error']}", file=sys.stderr)
+        else:
+            print(f"{entry['source']}: {len(entry['files'])} views -> {args.out}")
 
-    # Settings are checked once, before any panorama is read: a bad one is one error, not one per panorama.
-    if args.backend == "torch" and args.antialias:
-        raise ValueError("--backend torch is plain bilinear sampling (grid_sample), without the footprint filter: add --no-antialias")
-    views = view_set(args.views, size=args.size, fov=args.fov)
-    # The panoramas go to the GPU when the backend may use it; reproject picks the kernel from their device.
-    device = "cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    digits = len(str(len(views) - 1))
-    names = [f"{index:0{digits}d}_y{_number(v.yaw)}_p{_number(v.pitch)}" for index, v in enumerate(views)]
-
-    done, failed = [], []
-    for path, stem in zip(args.panos, file_stems(args.panos), strict=True):
-        try:
-            pano = decode_image(path)
-            panos = [torch.from_numpy(pano).to(device)]
-            out = reproject(panos, views, out_dtype=torch.uint8, layout="NHWC", antialias=args.antialias, backend=args.backend)
-        except (DecodeError, ValueError) as exc:
-            reason = exc.reason if isinstance(exc, DecodeError) else str(exc)
-            print(f"mimetic reproject: error: {path}: {reason}", file=sys.stderr)
-            failed.append({"source": path, "error": reason})
-            continue
-        files = []
-        for name, view in zip(names, out[0].cpu().numpy(), strict=True):
-            file_name = f"{stem}_{name}.png"
-            Image.fromarray(view).save(args.out / file_name)
-            files.append(file_name)
-        done.append({"source": path, "stem": stem, "width": pano.shape[1], "height": pano.shape[0], "files": files})
-        print(f"{path}: {len(files)} views -> {args.out}")
-
-    manifest = {
-        "mimetic_version": __version__,
-        "view_set": args.views,
-        "antialias": args.antialias,
-        "backend": args.backend,
-        "device": device,
-        "views": [
-            {"index": index, "yaw": v.yaw, "pitch": v.pitch, "roll": v.roll, "fov": v.fov, "width": v.width, "height": v.height}
-            for index, v in enumerate(views)
-        ],
-        "file_pattern": "<stem>_<index>_y<yaw>_p<pitch>.png",
-        "panoramas": done,
-        "failed": failed,
-    }
-    tmp = args.out / "views.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, args.out / "views.json")
+    manifest = write_views(args.panos, args.out, views=args.views, size=args.size, fov=args.fov, antialias=args.antialias,
+                           backend=args.backend, report=report)
+    failed = [entry["source"] for entry in manifest["failed"]]
     if failed:
-        print(f"mimetic reproject: {len(failed)} of {len(args.panos)} panoramas failed: {', '.join(f['source'] for f in failed)}", file=sys.stderr)
+        print(f"mimetic reproject: {len(failed)} of {len(args.panos)} panoramas failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 DEFAULT_VOCABULARIES = ("styles", "periods", "urban")
 DEFAULT_MAX_PIXELS = 2**28  # 268 MP: a 23k x 11.5k panorama, 805 MB as uint8 RGB (engine.decode's default too)
 DEFAULT_SHARD_SIZE = 1000  # inputs per ingest shard (engine.ingest.job), the unit of commit and resume
+DEFAULT_CAPTION_BEAMS = 3  # BLIP's own captioning evaluation uses beam search of 3 (engine.models.caption)
+DEFAULT_CAPTION_MAX_TOKENS = 30
 
 
 @dataclass

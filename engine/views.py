@@ -108,3 +108,87 @@ def view_set(name_or_list: str | Sequence[ViewSpec | Mapping], size: int = DEFAU
 def _check_size(size: int) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int of pixels, got {size!r}")
+
+
+# -- views to files: ``mimetic reproject`` ---------------------------------------------------------
+
+FILE_PATTERN = "<stem>_<index>_y<yaw>_p<pitch>.png"
+
+
+def write_views(
+    paths: Sequence[str],
+    out,
+    *,
+    views: str = "ring8",
+    size: int = DEFAULT_SIZE,
+    fov: float | None = None,
+    antialias: bool = True,
+    backend: str = "auto",
+    report: Callable[[dict], None] | None = None,
+) -> dict:
+    """Cut every view of each panorama file in one kernel call; write them as PNGs and ``out/views.json``.
+
+    Files are named ``FILE_PATTERN`` (``louvre_3_y135_p0.png``). The settings are checked once, before
+    any panorama is read, so a bad one is one ``ValueError``, not one per panorama. A panorama that
+    cannot be decoded or cut is recorded under "failed" with its reason, and the others go on.
+    ``report``, when given, is called with each panorama's entry as soon as it is done: ``{"source",
+    "stem", "width", "height", "files"}``, or ``{"source", "error"}``. Returns the manifest written.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from engine import __version__
+    from engine.decode import DecodeError, decode_image
+    from engine.results import file_stems
+    from kernels import reproject
+
+    if backend == "torch" and antialias:
+        raise ValueError("--backend torch is plain bilinear sampling (grid_sample), without the footprint filter: add --no-antialias")
+    specs = view_set(views, size=size, fov=fov)
+    # The panoramas go to the GPU when the backend may use it; reproject picks the kernel from their device.
+    device = "cuda" if backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    digits = len(str(len(specs) - 1))
+    names = [f"{index:0{digits}d}_y{v.yaw:g}_p{v.pitch:g}" for index, v in enumerate(specs)]
+
+    done, failed = [], []
+    for path, stem in zip(paths, file_stems(paths), strict=True):
+        try:
+            pano = decode_image(path)
+            cut = reproject([torch.from_numpy(pano).to(device)], specs, out_dtype=torch.uint8, layout="NHWC", antialias=antialias, backend=backend)
+        except (DecodeError, ValueError) as exc:
+            entry = {"source": path, "error": exc.reason if isinstance(exc, DecodeError) else str(exc)}
+            failed.append(entry)
+        else:
+            files = []
+            for name, view in zip(names, cut[0].cpu().numpy(), strict=True):
+                files.append(f"{stem}_{name}.png")
+                Image.fromarray(view).save(out / files[-1])
+            entry = {"source": path, "stem": stem, "width": pano.shape[1], "height": pano.shape[0], "files": files}
+            done.append(entry)
+        if report is not None:
+            report(entry)
+
+    manifest = {
+        "mimetic_version": __version__,
+        "view_set": views,
+        "antialias": antialias,
+        "backend": backend,
+        "device": device,
+        "views": [
+            {"index": index, "yaw": v.yaw, "pitch": v.pitch, "roll": v.roll, "fov": v.fov, "width": v.width, "height": v.height}
+            for index, v in enumerate(specs)
+        ],
+        "file_pattern": FILE_PATTERN,
+        "panoramas": done,
+        "failed": failed,
+    }
+    tmp = out / "views.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / "views.json")  # readers never see a half-written manifest
+    return manifest

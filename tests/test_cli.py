@@ -93,12 +93,6 @@ def test_version(capsys):
         assert word in out
 
 
-def test_cli_backends_match_the_kernels():
-    from kernels import BACKENDS
-
-    assert tuple(cli.BACKENDS) == tuple(BACKENDS)
-
-
 def test_cube6_with_size_fov_and_no_antialias(panoramas_dir, tmp_path, capsys):
     out = tmp_path / "cube"
     args = ["reproject", str(panoramas_dir / "axes.png"), "--out", str(out), "--views", "cube6", "--size", "64", "--fov", "100", "--no-antialias"]

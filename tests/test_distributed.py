@@ -156,4 +156,11 @@ def test_plan_actors_gives_one_gpu_per_actor_and_splits_cpus():
     assert plan_actors(config, {"CPU": 2.0}, None) == (1, 2.0, 0.0)
     assert plan_actors(config, {"CPU": 16.0}, 2) == (2, 8.0, 0.0)
     assert plan_actors(EngineConfig(device="cpu"), {"CPU": 16.0, "GPU": 2.0}, None) == (4, 4.0, 0.0)
-    assert os.cpu_count()  # the local default comes from here when Ray reports no CPUs
+
+def test_plan_actors_counts_the_machines_cpus_when_ray_reports_none(monkeypatch):
+    from engine.ingest import ray as distributed
+
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 12)
+    assert distributed.plan_actors(EngineConfig(), {}, None) == (3, 4.0, 0.0)
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: None)  # os.cpu_count() may not know
+    assert distributed.plan_actors(EngineConfig(), {}, None) == (1, 1.0, 0.0)

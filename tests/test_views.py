@@ -30,10 +30,22 @@ def test_six_view_presets_are_four_headings_then_up_and_down(preset):
     assert all(v.fov == 90 and (v.width, v.height) == (64, 64) for v in views)
 
 
-def test_view_set_by_name_matches_the_preset_functions():
-    for name, fn in PRESETS.items():
-        assert view_set(name, size=96) == fn(96)
-    assert view_set("ring8") == ring8(224)
+# Each preset's (yaw, pitch) list, written out by hand: what a researcher's record of "ring8" means.
+PRESET_DIRECTIONS = {
+    "ring8": [(0, 0), (45, 0), (90, 0), (135, 0), (180, 0), (225, 0), (270, 0), (315, 0)],
+    "ring4": [(0, 0), (90, 0), (180, 0), (270, 0)],
+    "cube6": [(0, 0), (90, 0), (180, 0), (270, 0), (0, 90), (0, -90)],
+    "gsv6": [(0, 0), (90, 0), (180, 0), (270, 0), (0, 90), (0, -90)],
+}
+
+
+def test_view_set_by_name_gives_each_presets_directions_at_the_size_asked():
+    assert sorted(PRESETS) == sorted(PRESET_DIRECTIONS)
+    for name, expected in PRESET_DIRECTIONS.items():
+        views = view_set(name, size=96)
+        assert directions(views) == [(float(yaw), float(pitch)) for yaw, pitch in expected], name
+        assert all((v.width, v.height, v.fov, v.roll) == (96, 96, 90.0, 0.0) for v in views), name
+    assert {(v.width, v.height) for v in view_set("ring8")} == {(224, 224)}  # the default size
 
 
 def test_unknown_preset_lists_the_presets():
@@ -95,3 +107,30 @@ def test_gsv6_on_axes_png_shows_each_labelled_face(panoramas_dir):
     for index, (what, mask) in enumerate(checks.items()):
         share = np.mean(mask[index])
         assert share > 0.6, f"view {index} should be mostly {what}, only {share:.0%} is"
+
+
+def test_write_views_writes_each_view_and_a_manifest_and_goes_on_past_a_bad_file(panoramas_dir, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from engine.views import write_views
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    seen = []
+    manifest = write_views([str(broken), str(panoramas_dir / "axes.png")], tmp_path / "out", views="ring4", size=32, report=seen.append)
+    assert [entry["source"] for entry in seen] == [str(broken), str(panoramas_dir / "axes.png")]  # as each is done
+    assert manifest == json.loads((tmp_path / "out" / "views.json").read_text())
+    [failed] = manifest["failed"]
+    assert failed["source"] == str(broken) and failed["error"]
+    [done] = manifest["panoramas"]
+    assert done["files"] == ["axes_0_y0_p0.png", "axes_1_y90_p0.png", "axes_2_y180_p0.png", "axes_3_y270_p0.png"]
+    # Each file is that view, cut from the decoded panorama by the kernel.
+    expected = reproject([torch.from_numpy(decode_image(panoramas_dir / "axes.png"))], ring4(32), out_dtype=torch.uint8, layout="NHWC")[0]
+    for name, view in zip(done["files"], expected.numpy(), strict=True):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / name)), view)
+    assert [(v["yaw"], v["pitch"], v["width"]) for v in manifest["views"]] == [(0, 0, 32), (90, 0, 32), (180, 0, 32), (270, 0, 32)]
+    with pytest.raises(ValueError, match="--no-antialias"):  # a setting is checked before any file is read
+        write_views([str(broken)], tmp_path / "none", backend="torch")
+    assert not (tmp_path / "none").exists()

@@ -20,7 +20,7 @@ DEFAULT_FLAVOURS = ("mediums", "movements", "styles")
 
 def add_parsers(commands) -> None:
     from engine.cli import add_engine_arguments, positive_int
-    from engine.models.caption import DEFAULT_BEAMS, DEFAULT_MAX_TOKENS
+    from engine.config import DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS  # not models.caption: torch
 
     caption = commands.add_parser(
         "caption",
@@ -38,15 +38,15 @@ def add_parsers(commands) -> None:
     caption.add_argument("--caption-model", default=None, metavar="DIR", help="a local transformers captioner folder (BLIP, or any AutoModelForImageTextToText)")
     caption.add_argument("--flavours", default=",".join(DEFAULT_FLAVOURS), metavar="VOCABS",
                          help=f"comma-separated vocabularies whose top labels follow the caption (default {','.join(DEFAULT_FLAVOURS)})")
-    caption.add_argument("--caption-beams", type=positive_int, default=DEFAULT_BEAMS, help=f"beam search width, 1 for greedy (default {DEFAULT_BEAMS})")
-    caption.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, help=f"longest caption in tokens (default {DEFAULT_MAX_TOKENS})")
+    caption.add_argument("--caption-beams", type=positive_int, default=DEFAULT_CAPTION_BEAMS, help=f"beam search width, 1 for greedy (default {DEFAULT_CAPTION_BEAMS})")
+    caption.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_CAPTION_MAX_TOKENS, help=f"longest caption in tokens (default {DEFAULT_CAPTION_MAX_TOKENS})")
     plain = caption.add_mutually_exclusive_group()
     plain.add_argument("--plain", action="store_true", help="every input is a plain image: caption it whole")
     plain.add_argument("--plain-if-not-2to1", action="store_true", help="caption an image whole when it is not 2:1")
     caption.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_engine_arguments(caption, exclude=("vocabularies",))  # the flavours are its vocabularies
 
-    from engine.dream.translate import MODES, TranslateParams
+    from engine.dream.params import MODES, TranslateParams
 
     defaults = TranslateParams()
     translate = commands.add_parser(
@@ -70,8 +70,8 @@ def add_parsers(commands) -> None:
     translate.add_argument("--out", required=True, type=Path, metavar="DIR")
     translate.add_argument("--sd-model", default=None, metavar="DIR", help="a local diffusers folder")
     translate.add_argument("--caption-model", default=None, metavar="DIR", help="a local transformers captioner folder")
-    translate.add_argument("--caption-beams", type=positive_int, default=DEFAULT_BEAMS)
-    translate.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS)
+    translate.add_argument("--caption-beams", type=positive_int, default=DEFAULT_CAPTION_BEAMS)
+    translate.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_CAPTION_MAX_TOKENS)
     translate.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_engine_arguments(translate, exclude=("seed", "vocabularies"))
 

@@ -1,5 +1,5 @@
-"""The parameters of ``dream``, ``walk`` and ``loop``: checked before any model is loaded, recorded with every
-result; and the prompts made from CLIP's labels, through a template."""
+"""The parameters of ``dream``, ``walk``, ``loop`` and ``translate``: checked before any model is loaded, recorded
+with every result, and the defaults of their flags; and the prompts made from CLIP's labels, through a template."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.models.diffusion import check_guidance, check_steps, check_strength, img2img_steps
 from engine.vocab import Vocabulary, load_vocabulary
+
+# The checks come from engine.models.diffusion inside each check(): it imports torch, and the CLI builds
+# its parser from these dataclasses' defaults without loading torch.
 
 # ---------------------------------------------------------------------------------------------------
 # Parameters: checked before any model is loaded, recorded with every result.
@@ -33,6 +35,8 @@ class DreamParams:
 
     def check(self) -> dict[str, Vocabulary]:
         """Raise ``ValueError`` on a bad parameter; return {placeholder: vocabulary} for ``from_labels``."""
+        from engine.models.diffusion import check_guidance, check_steps, check_strength, img2img_steps
+
         if (self.prompt is None) == (not self.from_labels):
             raise ValueError("give either a prompt or from_labels (vocabularies whose top labels make the prompt), not both or neither")
         if self.prompt is not None and not isinstance(self.prompt, str):
@@ -71,6 +75,8 @@ class WalkParams:
     fps: int = 12
 
     def check(self) -> None:
+        from engine.models.diffusion import check_guidance, check_steps
+
         check_steps(self.steps)
         check_guidance(self.guidance)
         check_steps(self.batch_size, "batch_size")
@@ -90,6 +96,8 @@ class LoopParams:
     fps: int = 12  # of each image's MP4
 
     def check(self) -> None:
+        from engine.models.diffusion import check_guidance, check_steps, check_strength, img2img_steps
+
         check_steps(self.iterations, "iterations")
         check_steps(self.fps, "fps")
         img2img_steps(check_steps(self.steps), check_strength(self.strength))
@@ -99,6 +107,36 @@ class LoopParams:
         check_steps(self.batch_size, "batch_size")
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+
+
+MODES = ("txt2img", "img2img")  # how translate makes an image from a caption
+
+
+@dataclass
+class TranslateParams:
+    """What ``engine.dream.translate.translate`` does: image -> caption -> image rounds."""
+
+    rounds: int = 10
+    mode: str = "txt2img"
+    strength: float = 0.6  # img2img only
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    seed: int = 0
+    batch_size: int = 8
+
+    def check(self) -> None:
+        from engine.models.diffusion import check_guidance, check_steps, check_strength
+
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds (--rounds) must be a positive integer, got {self.rounds!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode (--mode) must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_strength(self.strength)
+        check_steps(self.steps)
+        check_guidance(self.guidance)
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
 
 
 def _check_seed(seed) -> int:

@@ -34,36 +34,13 @@ from engine.dream.core import (
     write_record,
 )
 from engine.dream.loop import fit_square
+from engine.dream.params import TranslateParams
 from engine.models.caption import Captioner
-from engine.models.diffusion import Dreamer, check_guidance, check_steps, check_strength
+from engine.models.diffusion import Dreamer
 from engine.pipeline import Engine
 from engine.results import file_stems, write_csv
 
-MODES = ("txt2img", "img2img")
 DRIFT_COLUMNS = ("round", "seed", "text", "image", "image_drift", "text_drift")
-
-
-@dataclass
-class TranslateParams:
-    rounds: int = 10
-    mode: str = "txt2img"
-    strength: float = 0.6  # img2img only
-    steps: int = 30
-    guidance: float = 7.5
-    negative_prompt: str = ""
-    seed: int = 0
-    batch_size: int = 8
-
-    def check(self) -> None:
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"rounds (--rounds) must be a positive integer, got {self.rounds!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode (--mode) must be one of {', '.join(MODES)}, got {self.mode!r}")
-        check_strength(self.strength)
-        check_steps(self.steps)
-        check_guidance(self.guidance)
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {self.batch_size}")
 
 
 @dataclass

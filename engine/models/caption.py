@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.config import DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS
 from engine.models.device import resolve_device
 from kernels import ViewSpec, reproject
 
-DEFAULT_BEAMS = 3  # BLIP's own captioning evaluation uses beam search of 3
-DEFAULT_MAX_TOKENS = 30
+DEFAULT_BEAMS, DEFAULT_MAX_TOKENS = DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS
 _HOW = (
     "Pass a local transformers folder with the captioner's config.json, weights and processor files "
     "(preprocessor_config.json and the tokenizer), such as one written by save_pretrained of "

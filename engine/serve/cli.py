@@ -87,7 +87,7 @@ def _port(text: str) -> int:
 
 
 def add_parsers(commands) -> None:
-    from engine.serve.config import DEFAULT_PORT, ServerConfig
+    from engine.serve.config import DEFAULT_PORT, DEFAULT_RETRY_BUDGET_S, ServerConfig
 
     defaults = ServerConfig()
     serve = commands.add_parser(
@@ -144,9 +144,9 @@ def add_parsers(commands) -> None:
         _add_token_arguments(parser)
         parser.add_argument("--tls", default=None, metavar="CA.pem|system", help="use TLS, trusting this CA (or the system's roots)")
         parser.add_argument(
-            "--retry-budget", type=_non_negative_float, default=60.0, metavar="SECONDS",
+            "--retry-budget", type=_non_negative_float, default=DEFAULT_RETRY_BUDGET_S, metavar="SECONDS",
             help="while the server is unavailable (a restart, a drain), retry with backoff for this long, then give up "
-            "(default 60); the requests with no answer are sent again, none twice",
+            f"(default {DEFAULT_RETRY_BUDGET_S:g}); the requests with no answer are sent again, none twice",
         )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+DEFAULT_RETRY_BUDGET_S = 60.0  # how long a client keeps retrying an unavailable server (MimeticClient, mimetic call)
 
 
 @dataclass
