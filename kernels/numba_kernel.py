@@ -6,7 +6,11 @@
    times. Bytes: 4 float64 per output pixel per distinct shape, written once. NumPy's error model:
    a degenerate ray divides to inf or NaN (which pass 2 clamps) instead of raising.
 2. Filter: each output pixel reads the panorama pixels under its tent once per channel (uint8, in
-   place, any strides) and writes 3 values. Nothing is padded, copied or converted to float.
+   place, any strides) and writes 3 values. On a C-contiguous panorama the tent's rows are summed
+   with 32-byte vector multiply-adds into float32 column sums (``_add_run``); other strides, and
+   footprints on the seam, are read tap by tap. The panorama itself is never padded, copied or
+   converted to float. The per-pixel helpers are inlined into the loop (``inline="always"``):
+   called out of line, as Numba does otherwise, they cost about as much as the taps.
 
 Both release the GIL, so decoding threads keep working while a kernel runs.
 
@@ -21,7 +25,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, typed, types
+from numba.extending import intrinsic, overload
 
 # Panoramas are read where they lie: C-contiguous ones get a specialisation that knows the pixel
 # stride, any other strides the general one.
@@ -31,6 +37,8 @@ _TAN_PI_8 = 0.41421356237309503
 _SQRT_HALF = math.sqrt(0.5)
 # Fast-math for the filter pass: everything but nnan/ninf, which would let LLVM delete the clamps.
 _IEEE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_RUN = 32  # bytes, and float32 lanes, of one vector multiply-add in the tent filter
+_RUN_SPAN = -(-_RUN // 3)  # the most pixels one vector can read past the end of its run
 
 
 @njit(cache=True, fastmath=True)
@@ -74,14 +82,14 @@ def footprint(d0, d1, d2, dc0, dc1, dc2, dr0, dr1, dr2):
     return spread_lon, math.sqrt(lat_c * lat_c + lat_r * lat_r)
 
 
-@njit(cache=True, fastmath=_IEEE_FASTMATH)
+@njit(cache=True, fastmath=_IEEE_FASTMATH, inline="always")
 def clamp(value, low, high):
     """``value`` limited to [low, high], and NaN sent to ``low`` (every comparison with NaN is false)."""
     value = value if value >= low else low
     return value if value <= high else high
 
 
-@njit(cache=True, fastmath=_IEEE_FASTMATH)
+@njit(cache=True, fastmath=_IEEE_FASTMATH, inline="always")
 def bilinear(pano, x, y):
     """Bilinear interpolation at (x, y), x in [0, W], y in [0, H]: the filter for footprints of one pixel or less."""
     pano_h, pano_w = pano.shape[0], pano.shape[1]
@@ -106,7 +114,7 @@ def bilinear(pano, x, y):
     return v0, v1, v2
 
 
-@njit(cache=True, fastmath=_IEEE_FASTMATH)
+@njit(cache=True, fastmath=_IEEE_FASTMATH, inline="always")
 def tent_cdf(u):
     """Integral of the unit-half-width tent (triangle) filter from -1 to u, without branches."""
     u = min(max(u, -1.0), 1.0)
@@ -114,25 +122,98 @@ def tent_cdf(u):
     return 0.5 + math.copysign(0.5 * (1.0 - a * a), u)
 
 
-@njit(cache=True, fastmath=_IEEE_FASTMATH)
-def tent_filter(pano, x, y, half_x, half_y, col_weights):
+@intrinsic
+def _add_run(typingctx, pano, start, weight, sums, at, first):
+    """sums[at : at + _RUN] += weight * the _RUN bytes of the C-contiguous ``pano`` from flat offset ``start``;
+    ``first`` overwrites instead (the scratch starts as garbage, and a separate zeroing pass costs more).
+
+    One unaligned vector load, widen and multiply-add in float32. LLVM does not vectorise the
+    per-pixel loops by itself: their trip counts (7 to 14 pixels at 4K and 8K) are below its vector
+    width times its unroll, and it cannot prove the float scratch apart from the panorama. The
+    caller checks the bounds.
+    """
+    if not (isinstance(pano, types.Array) and pano.layout == "C" and pano.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pano_value, start_value, weight_value, sums_value, at_value, first_value = args
+        data = context.make_array(signature.args[0])(context, builder, pano_value).data
+        dest = context.make_array(signature.args[3])(context, builder, sums_value).data
+        bytes_type, floats_type = ir.VectorType(ir.IntType(8), _RUN), ir.VectorType(ir.FloatType(), _RUN)
+        source = builder.bitcast(builder.gep(data, [start_value]), bytes_type.as_pointer())
+        values = builder.uitofp(builder.load(source, align=1), floats_type)
+        lane = builder.insert_element(
+            ir.Constant(floats_type, ir.Undefined), builder.fptrunc(weight_value, ir.FloatType()), ir.Constant(ir.IntType(32), 0)
+        )
+        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), _RUN), [0] * _RUN)
+        weight = builder.shuffle_vector(lane, ir.Constant(floats_type, ir.Undefined), broadcast)
+        dest = builder.bitcast(builder.gep(dest, [at_value]), floats_type.as_pointer())
+        before = builder.select(first_value, ir.Constant(floats_type, [0.0] * _RUN), builder.load(dest, align=4))
+        builder.store(builder.fadd(before, builder.fmul(values, weight)), dest, align=4)
+        return context.get_dummy_value()
+
+    return types.void(pano, types.intp, types.float64, types.Array(types.float32, 1, "C"), types.intp, types.boolean), codegen
+
+
+def _vector_runs(pano):
+    """Whether ``pano``'s type lets the tent filter read whole runs of a row as vectors."""
+
+
+@overload(_vector_runs, inline="always")
+def _vector_runs_impl(pano):
+    runs = pano.layout == "C"  # pixels known to lie 3 bytes apart, rows W * 3
+    return lambda pano: runs
+
+
+def _accumulate_runs(pano, row, col, count, weight, sums, first):
+    """sums[3k + c] += weight * pano[row, col + k, c] for k < count (= if ``first``), in vectors of _RUN
+    lanes, and anything to the lanes after 3 * count. Only where ``_vector_runs(pano)``, col + count + _RUN_SPAN <= W."""
+
+
+@overload(_accumulate_runs, inline="always")
+def _accumulate_runs_impl(pano, row, col, count, weight, sums, first):
+    if pano.layout != "C":  # never called there (see _vector_runs); _add_run needs C layout to type
+        return lambda pano, row, col, count, weight, sums, first: None
+
+    def impl(pano, row, col, count, weight, sums, first):
+        start = (row * pano.shape[1] + col) * 3
+        for at in range(0, 3 * count, _RUN):
+            _add_run(pano, start + at, weight, sums, at, first)
+
+    return impl
+
+
+@njit(cache=True, fastmath=_IEEE_FASTMATH, inline="always")
+def _tent_weights(first, count, center, inv_half, weights):
+    """weights[k]: the tent's integral over pixel first + k, from one CDF per pixel edge."""
+    cdf = 0.0
+    for k in range(count):
+        next_cdf = tent_cdf((first + k + 1.0 - center) * inv_half)
+        weights[k] = next_cdf - cdf
+        cdf = next_cdf
+
+
+@njit(cache=True, fastmath=_IEEE_FASTMATH, inline="always")
+def tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, sums):
     """Separable tent filter of half-widths (half_x, half_y) over the piecewise-constant panorama.
 
     Each weight is the tent's integral over one source pixel, so every pixel under the footprint
-    counts by its coverage. Column weights are computed once into ``col_weights`` (scratch of at
-    least W + 2) and reused for every row. Columns wrap; rows past a pole read the same latitude on
-    the opposite meridian (row reflected, columns shifted by W/2). x in [0, W], y in [0, H], and
-    half-widths of at most W/2 and H/2.
+    counts by its coverage. Each axis's weights are computed once per output pixel, into
+    ``col_weights`` and ``row_weights`` (scratch of at least W + 2 and H + 2). Columns wrap; rows
+    past a pole read the same latitude on the opposite meridian (row reflected, columns shifted by
+    W/2). x in [0, W], y in [0, H], and half-widths of at most W/2 and H/2.
+
+    Where the panorama is C-contiguous and the runs are clear of the right edge (every pixel but
+    those within a footprint of the seam), the rows are summed first, column by column, into
+    ``sums`` (float32 scratch of at least 3 W + 6 + _RUN) with vector multiply-adds, and the column
+    weights then reduce those sums. Elsewhere each row is reduced tap by tap, in registers.
     """
     pano_h, pano_w = pano.shape[0], pano.shape[1]
-    c_first = math.floor(x - half_x)
+    c_first, r_first = math.floor(x - half_x), math.floor(y - half_y)
     count = min(max(math.ceil(x + half_x) - c_first, 0), pano_w + 2)  # never past the scratch
-    inv_x, inv_y = 1.0 / half_x, 1.0 / half_y
-    cdf = 0.0
-    for k in range(count):
-        next_cdf = tent_cdf((c_first + k + 1.0 - x) * inv_x)
-        col_weights[k] = next_cdf - cdf
-        cdf = next_cdf
+    rows = min(max(math.ceil(y + half_y) - r_first, 0), pano_h + 2)
+    _tent_weights(c_first, count, x, 1.0 / half_x, col_weights)
+    _tent_weights(r_first, rows, y, 1.0 / half_y, row_weights)
     # Where the run starts on this side of the pole and across it (shifted by W/2); c_first lies
     # within half a panorama of [0, W), so a conditional add or subtract wraps it (no modulo),
     # and a clamp keeps it on the panorama whatever it was.
@@ -140,19 +221,23 @@ def tent_filter(pano, x, y, half_x, half_y, col_weights):
     col_here = min(max(col_here, 0), pano_w - 1)
     col_across = col_here + pano_w // 2
     col_across = col_across - pano_w if col_across >= pano_w else col_across
-    acc0 = acc1 = acc2 = cdf = 0.0
-    for r in range(math.floor(y - half_y), math.ceil(y + half_y)):
-        next_cdf = tent_cdf((r + 1.0 - y) * inv_y)
-        weight_r = next_cdf - cdf
-        cdf = next_cdf
+    # A run's last vector may read up to _RUN_SPAN pixels past it: still on the row, and the run
+    # does not wrap, if both starting columns leave that much before the right edge.
+    runs = _vector_runs(pano) and rows > 0 and max(col_here, col_across) + count + _RUN_SPAN <= pano_w
+    acc0 = acc1 = acc2 = 0.0
+    for dr in range(rows):
+        r = r_first + dr
         row, col = r, col_here
         if r < 0:
             row, col = -1 - r, col_across
         elif r >= pano_h:
             row, col = 2 * pano_h - 1 - r, col_across
         row = min(max(row, 0), pano_h - 1)
+        if runs:
+            _accumulate_runs(pano, row, col, count, row_weights[dr], sums, dr == 0)
+            continue
         row0 = row1 = row2 = 0.0
-        if col + count <= pano_w:  # the common case: one run with no wrap to test per tap
+        if col + count <= pano_w:  # one run with no wrap to test per tap
             at_row = np.uintp(row)  # unsigned indices: no negative-index wraparound per tap
             for k in range(count):
                 weight_c = col_weights[k]
@@ -167,9 +252,15 @@ def tent_filter(pano, x, y, half_x, half_y, col_weights):
                 row1 += weight_c * pano[row, col, 1]
                 row2 += weight_c * pano[row, col, 2]
                 col = col + 1 if col + 1 < pano_w else 0
-        acc0 += weight_r * row0
-        acc1 += weight_r * row1
-        acc2 += weight_r * row2
+        acc0 += row_weights[dr] * row0
+        acc1 += row_weights[dr] * row1
+        acc2 += row_weights[dr] * row2
+    if runs:
+        for k in range(count):
+            weight_c = col_weights[k]
+            acc0 += weight_c * sums[np.uintp(3 * k)]
+            acc1 += weight_c * sums[np.uintp(3 * k + 1)]
+            acc2 += weight_c * sums[np.uintp(3 * k + 2)]
     return acc0, acc1, acc2
 
 
@@ -216,6 +307,8 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
         x_per_rad, y_per_rad = pano_w / _TWO_PI, pano_h / math.pi
         shift = (yaw[n] + yaw_offsets[m]) * x_per_rad + 0.5 * pano_w
         col_weights = np.empty(pano_w + 2 if antialias else 0)
+        row_weights = np.empty(pano_h + 2 if antialias else 0)
+        sums = np.empty(3 * (pano_w + 2) + _RUN if antialias else 0, np.float32)
         for j in range(width):
             # Wrap the longitude, then clamp: a huge, infinite or NaN position (from a yaw no check
             # reduced) still lands on the panorama, x in [0, W] and y in [0, H].
@@ -229,7 +322,7 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
             else:  # tent half-width footprint/sqrt(2), at least 1/sqrt(2), capped at half the panorama
                 half_x = clamp(footprint_x * _SQRT_HALF, _SQRT_HALF, 0.5 * pano_w)
                 half_y = clamp(footprint_y * _SQRT_HALF, _SQRT_HALF, 0.5 * pano_h)
-                values = tent_filter(pano, x, y, half_x, half_y, col_weights)
+                values = tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, sums)
             for c in range(3):
                 value = values[c] * scale[c] + bias[c]
                 if to_uint8:
