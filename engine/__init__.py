@@ -13,9 +13,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-_LAZY = {"Engine": "engine.pipeline", "Panorama": "engine.pipeline", "EmbedResult": "engine.pipeline", "EngineConfig": "engine.config"}
+_LAZY = {
+    "Engine": "engine.pipeline", "EngineConfig": "engine.config",
+    "Panorama": "engine.types", "EmbedResult": "engine.types", "Prepared": "engine.types",
+}
 
-__all__ = ["EmbedResult", "Engine", "EngineConfig", "Panorama", "__version__"]
+__all__ = ["EmbedResult", "Engine", "EngineConfig", "Panorama", "Prepared", "__version__"]
 
 
 def __getattr__(name: str):

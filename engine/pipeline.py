@@ -11,25 +11,31 @@ embedding and readings. Decoding is prefetched while the kernel and the model ru
 the GIL), so on the CPU the model is the only thing the caller waits for. On CUDA the panoramas
 are pinned, copied without blocking and reprojected on a stream of their own.
 
+The input stage is ``prepare`` (every check an input gets, once, from its header: its fields, the 2:1
+shape, the pixel limit, the decode cost) and ``decode``. ``embed_iter`` runs both on each Panorama;
+a shell that decodes in threads of its own (the gRPC server) calls them itself and hands the Engine
+the Prepared items, which it checks no more. ``with_views`` gives the same Engine with other views.
+
 One bad item never fails the others: it comes back as an ``EmbedResult`` with ``error`` set, in
 its place in the input order.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
-import math
+import io
 import os
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
-import numpy as np
 import torch
+from PIL import Image
 
-from engine.budget import DecodeBudget, Reservation
+from engine.budget import DecodeBudget
 from engine.config import EngineConfig
 from engine.decode import (
     DecodeError,
@@ -41,82 +47,56 @@ from engine.decode import (
     required_width,
 )
 from engine.models.clip import ZERO_SHOT_LOGIT_SCALE, ClipModel, load_clip
+from engine.types import (
+    EmbedResult,
+    InvalidPanoramaError,
+    Panorama,
+    Prepared,
+    array_header,
+    check_equirectangular,
+    check_panorama,
+    error_message,
+    item_meta,
+    read_bytes,
+)
 from engine.views import view_set
 from engine.vocab import TextEmbeddingCache, Vocabulary, load_vocabulary
 from kernels import ViewSpec, reproject
 from kernels.geometry import wrap_degrees
 
+# The plain data lives in engine.types; these names stay importable from here too.
+__all__ = [
+    "EmbedResult", "Engine", "InvalidPanoramaError", "Panorama", "Prepared", "check_equirectangular", "read_bytes",
+]
 
-@dataclass
-class Panorama:
-    """One input: an id, the image (encoded bytes, a path, or a uint8 array), and metadata echoed back.
-
-    ``yaw_offset`` (degrees) is added to every view's yaw, e.g. to point views at compass bearings.
-    """
-
-    id: str
-    data: bytes | str | os.PathLike | np.ndarray | torch.Tensor
-    meta: dict = field(default_factory=dict)
-    yaw_offset: float = 0.0
-
-
-@dataclass
-class EmbedResult:
-    """What the engine saw in one panorama; ``error`` names the item and the reason when it failed."""
-
-    id: str
-    views: list[ViewSpec]
-    embeddings: torch.Tensor | None = None  # (N, D), L2-normalised; fp16 on CUDA, fp32 on CPU
-    pooled: torch.Tensor | None = None  # (D,), the normalised mean of the view embeddings
-    readings: dict = field(default_factory=dict)  # vocabulary -> {"pooled": [(label, p)], "views": [[(label, p)]]}
-    meta: dict = field(default_factory=dict)
-    error: str | None = None
-
-
-def read_bytes(data, item_id: str) -> bytes:
-    """Encoded bytes of a path or bytes input; an unreadable or empty file is a DecodeError naming the item."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        blob = bytes(data)
-    else:
-        try:
-            with open(data, "rb") as stream:
-                blob = stream.read()
-        except OSError as exc:
-            raise DecodeError(item_id, f"cannot read the file ({exc.strerror or exc})") from exc
-    if not blob:
-        raise DecodeError(item_id, "empty input (0 bytes)")
-    return blob
-
-
-def check_equirectangular(item_id: str, shape: tuple) -> None:
-    """A 2:1 (height, width, ...) shape, or a DecodeError naming the item and the size it has."""
-    height, width = shape[:2]
-    if width != 2 * height:
-        raise DecodeError(item_id, f"equirectangular panoramas are 2:1, got {width}x{height}")
-
-
-class InvalidPanoramaError(DecodeError):
-    """A Panorama whose fields (not its image) are wrong: an empty id, a yaw_offset that is not a finite number."""
-
-
-@dataclass
-class _Admitted:
-    """An input that passed the checks: its decode cost, and the bytes held for it in the decode budget."""
-
-    item: Panorama
-    cost: int
-    yaw_offset: float  # reduced to [-180, 180) exactly (kernels.geometry.wrap_degrees)
-    reservation: Reservation | None = None
-
-    def release(self) -> None:
-        if self.reservation is not None:
-            self.reservation.release()
+_ENCODED = (bytes, bytearray, memoryview, str, os.PathLike)
+_END = object()
+THUMBNAIL_QUALITY = 85  # JPEG quality of the thumbnails
 
 
 def _failed_future(exc: Exception) -> Future:
     future: Future = Future()
     future.set_exception(exc)
     return future
+
+
+def _done_future(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _check_thumbnail_size(size) -> None:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ValueError(f"thumbnails must be a width in pixels (a positive int) or None, got {size!r}")
+
+
+def _as_tensor(pano) -> torch.Tensor:
+    if isinstance(pano, torch.Tensor):
+        return pano
+    with warnings.catch_warnings():  # a read-only caller array is fine: the kernel only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(pano)
 
 
 class Engine:
@@ -176,26 +156,112 @@ class Engine:
             raise ValueError("embed_text needs at least one text")
         return self.clip.encode_text(list(texts)).cpu()
 
+    # -- views --------------------------------------------------------------------------------
+
+    def with_views(self, views: str | Sequence[ViewSpec | Mapping]) -> Engine:
+        """This Engine with other views: the same model, vocabularies, decode budget and settings, its own
+        ``views`` and ``min_decode_width``. Returns this Engine itself when the views are its own.
+
+        ``views``: a preset name, or ViewSpecs and/or dicts (a dict without a size gets the model's input
+        size). Views are cut at the model's input size; a view of another size is a ValueError.
+        """
+        height, width = self.clip.image_size
+        if isinstance(views, str):
+            resolved = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, width, height) for v in view_set(views, size=width)]
+        elif isinstance(views, Sequence):
+            resolved = view_set([{"width": width, "height": height, **v} if isinstance(v, Mapping) else v for v in views])
+            for index, view in enumerate(resolved):
+                if (view.width, view.height) != (width, height):
+                    raise ValueError(
+                        f"view {index} is {view.width}x{view.height}: views are cut at the model's input size {width}x{height}"
+                    )
+        else:
+            raise ValueError(f"views must be a preset name or a list of views, got {type(views).__name__}")
+        if resolved == self.views:
+            return self
+        variant = copy.copy(self)  # shares the model, the vocabularies, the budget, the CUDA stream
+        variant.views = resolved
+        variant.min_decode_width = required_width(resolved)
+        return variant
+
+    # -- the input stage ----------------------------------------------------------------------
+
+    def prepare(self, panorama: Panorama, *, thumbnails: int | None = None, min_width: int | None = None,
+                host: bool = False) -> Prepared:
+        """Check one input and read what decoding it will cost from its header: no pixel is decoded.
+
+        The one place an input is checked: its fields (``check_panorama``), the 2:1 shape and the pixel
+        limit of the image's full size, before any reduced decoding. Raises TypeError for anything but a
+        Panorama and DecodeError (a ValueError) naming the item otherwise: ``ImageTooLargeError`` over
+        ``max_pixels``, ``InvalidPanoramaError`` for its fields.
+
+        ``thumbnails``: the width of a JPEG per view in its result. ``min_width``: decode a JPEG at least
+        this wide (default: what this Engine's views need). ``host``: decode it into a NumPy array on the
+        CPU whatever the device, for a caller that uses the pixels itself.
+        """
+        check_panorama(panorama)
+        _check_thumbnail_size(thumbnails)
+        data = panorama.data
+        header = read_header(data, name=panorama.id) if isinstance(data, _ENCODED) else array_header(data)
+        check_equirectangular(panorama.id, (header.height, header.width))
+        check_pixels(panorama.id, header.width, header.height, self.config.max_pixels)
+        on_device = self.decode_on_device and not host and header.format is not None
+        min_width = self.min_decode_width if min_width is None else min_width
+        # nvJPEG has no DCT scaling: decoded there, a JPEG costs its full size.
+        cost = decode_cost(header, min_width=None if on_device else min_width)
+        return Prepared(panorama, wrap_degrees(panorama.yaw_offset), header, cost, min_width, on_device, host, thumbnails)
+
+    def decode(self, prepared: Prepared) -> Prepared:
+        """Decode a prepared input (any thread: PIL releases the GIL) into ``prepared.pixels``, and return it.
+
+        A JPEG is decoded at the smallest DCT scale that keeps ``min_width`` columns. With nvJPEG in use
+        (``on_device``) it is only read here, and decoded with its whole group on the GPU. The Engine's own
+        hold in its budget shrinks to the array it keeps. ``prepare`` checked the pixel limit from the
+        header; a file is held to it again, since it may have changed since.
+        """
+        item, data = prepared.panorama, prepared.panorama.data
+        if prepared.on_device:
+            prepared.pixels = read_bytes(data, item.id)
+            return prepared
+        if isinstance(data, torch.Tensor):
+            data = data.detach().cpu().numpy()
+        max_pixels = self.config.max_pixels if isinstance(data, (str, os.PathLike)) else None
+        pano = decode_image(data, name=item.id, max_pixels=max_pixels, min_width=prepared.min_width)
+        if prepared.reservation is not None:
+            prepared.reservation.shrink(pano.nbytes)  # the decoder's scratch is gone
+        if self._prep_stream is not None and not prepared.host:
+            pano = _as_tensor(pano).pin_memory()  # lets the copy to the GPU run asynchronously
+        prepared.pixels = pano
+        return prepared
+
     # -- images -------------------------------------------------------------------------------
 
-    def embed(self, panoramas: Iterable[Panorama]) -> list[EmbedResult]:
+    def embed(self, panoramas: Iterable[Panorama | Prepared], *, thumbnails: int | None = None) -> list[EmbedResult]:
         """Embed every panorama; results in input order, failures in place with ``error`` set."""
-        return list(self.embed_iter(panoramas))
+        return list(self.embed_iter(panoramas, thumbnails=thumbnails))
 
-    def embed_iter(self, panoramas: Iterable[Panorama]) -> Iterator[EmbedResult]:
+    def embed_iter(self, panoramas: Iterable[Panorama | Prepared], *, thumbnails: int | None = None) -> Iterator[EmbedResult]:
         """Like ``embed``, but yields each result, in input order, as soon as its batch is done.
 
-        Memory: each input is admitted against ``decode_budget`` (its cost read from its header)
+        Each input is a Panorama, or a Prepared (``prepare``, perhaps ``decode`` too), which is checked
+        no more. ``thumbnails``: a JPEG per view, this many pixels wide, in each result (``EmbedResult.thumbnails``).
+
+        Memory: each encoded input is admitted against ``decode_budget`` (its cost read from its header)
         before it is decoded, and holds its decoded size until its group has been embedded. When the
-        budget is short, what is already decoded is embedded first, to make room.
+        budget is short, what is already decoded is embedded first, to make room. An array, or a
+        Prepared already decoded, is the caller's memory: nothing is held for it.
         """
+        _check_thumbnail_size(thumbnails)  # at the call, not at the first result
+        return self._embed_iter(panoramas, thumbnails)
+
+    def _embed_iter(self, panoramas: Iterable, thumbnails: int | None) -> Iterator[EmbedResult]:
         views_per_pano = len(self.views)
         group_size = max(1, self.config.batch_size // views_per_pano)
         workers = max(1, self.config.decode_workers)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="mimetic-decode")
-        window: deque[tuple[_Admitted | Panorama, Future]] = deque()  # decoding, in input order
-        group: list[tuple[_Admitted, object]] = []  # decoded, waiting for the kernel and the model
-        waiting: _Admitted | None = None  # checked, not yet admitted: no room in the budget
+        window: deque[tuple[object, Future]] = deque()  # decoding, in input order
+        group: list[Prepared] = []  # decoded, waiting for the kernel and the model
+        waiting: Prepared | None = None  # checked, not yet admitted: no room in the budget
         try:
             # Bounded prefetch: one group plus one image per worker ahead, so memory stays flat.
             ahead = group_size + workers
@@ -204,12 +270,15 @@ class Engine:
             while True:
                 while not exhausted and len(window) < ahead:
                     if waiting is None:
-                        item = next(source, None)
-                        if item is None:
+                        item = next(source, _END)
+                        if item is _END:
                             exhausted = True
                             break
+                        if isinstance(item, Prepared) and item.pixels is not None:
+                            window.append((item, _done_future(item)))  # decoded by the caller
+                            continue
                         try:
-                            waiting = self._check(item)
+                            waiting = item if isinstance(item, Prepared) else self.prepare(item, thumbnails=thumbnails)
                         except (DecodeError, ValueError, TypeError) as exc:
                             window.append((item, _failed_future(exc)))  # answered in its place
                             continue
@@ -218,10 +287,10 @@ class Engine:
                         if not self._reserve(waiting, wait=not window and not group):
                             break
                     except DecodeError as exc:  # it can never fit
-                        window.append((waiting.item, _failed_future(exc)))
+                        window.append((waiting, _failed_future(exc)))
                         waiting = None
                         continue
-                    window.append((waiting, pool.submit(self._decode, waiting)))
+                    window.append((waiting, pool.submit(self.decode, waiting)))
                     waiting = None
                 if not window:
                     if waiting is None:
@@ -229,15 +298,15 @@ class Engine:
                     yield from self._flush(group)  # the budget is held by our own group: embed it
                     group = []
                     continue
-                admitted, future = window.popleft()
+                entry, future = window.popleft()
                 try:
-                    group.append((admitted, future.result()))
+                    group.append(future.result())
                 except (DecodeError, ValueError, TypeError) as exc:
-                    if isinstance(admitted, _Admitted):
-                        admitted.release()
+                    if isinstance(entry, Prepared):
+                        entry.release()
                     yield from self._flush(group)  # keep input order: flush what came before
                     group = []
-                    yield self._failed(getattr(admitted, "item", admitted), exc)
+                    yield self._failed(entry, exc)
                     continue
                 if len(group) == group_size:
                     yield from self._flush(group)
@@ -247,116 +316,67 @@ class Engine:
             # A generator abandoned half-way is closed wherever it is collected, possibly inside
             # another thread's start-up: never block there. Pending decodes are cancelled.
             pool.shutdown(wait=False, cancel_futures=True)
-            for admitted in [a for a, _ in window] + [a for a, _ in group] + [waiting]:
-                if isinstance(admitted, _Admitted):
-                    admitted.release()
+            for entry in [e for e, _ in window] + group + [waiting]:
+                if isinstance(entry, Prepared):
+                    entry.release()
 
-    def _check(self, item: Panorama) -> _Admitted:
-        """Validate an input and read what decoding it will cost, from its header: no pixel is decoded.
-
-        A panorama that is not 2:1 is refused here, with the size its file has.
-        """
-        if not isinstance(item, Panorama):
-            raise TypeError(f"expected a Panorama, got {type(item).__name__}")
-        if not isinstance(item.id, str) or not item.id:
-            raise InvalidPanoramaError(repr(item.id), "panorama id must be a non-empty string")
-        offset = item.yaw_offset
-        if isinstance(offset, bool) or not isinstance(offset, (int, float, np.integer, np.floating)) or not math.isfinite(offset):
-            raise InvalidPanoramaError(item.id, f"yaw_offset must be a finite number of degrees, got {offset!r}")
-        data = item.data
-        if isinstance(data, (np.ndarray, torch.Tensor)):
-            return _Admitted(item, 0, wrap_degrees(offset))  # the caller's memory, already spent
-        if not isinstance(data, (bytes, bytearray, memoryview, str, os.PathLike)):
-            raise InvalidPanoramaError(item.id, f"data must be a path, bytes or a uint8 array, got {type(data).__name__}")
-        header = read_header(data, name=item.id)
-        check_equirectangular(item.id, (header.height, header.width))
-        check_pixels(item.id, header.width, header.height, self.config.max_pixels)
-        min_width = None if self.decode_on_device else self.min_decode_width
-        return _Admitted(item, decode_cost(header, min_width=min_width), wrap_degrees(offset))
-
-    def _reserve(self, admitted: _Admitted, *, wait: bool) -> bool:
+    def _reserve(self, prepared: Prepared, *, wait: bool) -> bool:
         """Hold the input's cost in the decode budget; False when there is no room and ``wait`` is off."""
-        if admitted.cost == 0:
-            return True
+        if not prepared.encoded:
+            return True  # an array: the caller's memory, already spent
         budget = self.decode_budget
         if wait:
-            admitted.reservation = budget.acquire(admitted.cost, item=admitted.item.id)
+            prepared.reservation = budget.acquire(prepared.cost, item=prepared.id)
         else:
-            admitted.reservation = budget.try_acquire(admitted.cost, item=admitted.item.id)
-        return admitted.reservation is not None
+            prepared.reservation = budget.try_acquire(prepared.cost, item=prepared.id)
+        return prepared.reservation is not None
 
-    def _decode(self, admitted: _Admitted) -> np.ndarray | torch.Tensor | bytes:
-        """In a worker thread: a 2:1 uint8 (H, W, 3) panorama; the reservation shrinks to what it holds.
-
-        With nvJPEG in use, encoded input is only read here (bytes) and decoded on the GPU for the
-        whole group at once, in ``_decode_on_device``.
-        """
-        item = admitted.item
-        data = item.data
-        if isinstance(data, torch.Tensor):
-            data = data.detach().cpu().numpy()
-        if self.decode_on_device and isinstance(data, (bytes, bytearray, memoryview, str, os.PathLike)):
-            return read_bytes(data, item.id)
-        pano = decode_image(data, name=item.id, max_pixels=self.config.max_pixels, min_width=self.min_decode_width)
-        check_equirectangular(item.id, pano.shape)
-        if admitted.reservation is not None:
-            admitted.reservation.shrink(pano.nbytes)  # the decoder's scratch is gone
-        if self.device.type == "cuda":
-            return torch.from_numpy(pano).pin_memory()  # lets the copy to the GPU run asynchronously
-        return pano
-
-    def _decode_on_device(self, group: list[tuple[_Admitted, object]]) -> list[tuple[_Admitted, object]]:
-        """Decode the group's encoded panoramas in one batched nvJPEG call; a failure stays with its item."""
-        encoded = [k for k, (_, payload) in enumerate(group) if isinstance(payload, bytes)]
+    def _decode_on_device(self, group: list[Prepared]) -> list:
+        """Each item's panorama: its pixels, or the group's encoded ones decoded in one batched nvJPEG call
+        (a failure stays with its item, as its DecodeError)."""
+        panos = [p.pixels for p in group]
+        encoded = [k for k, pano in enumerate(panos) if isinstance(pano, bytes)]
         if not encoded:
-            return group
+            return panos
+        from_file = any(isinstance(group[k].panorama.data, (str, os.PathLike)) for k in encoded)  # see ``decode``
         decoded = decode_jpeg_batch_cuda(
-            [group[k][1] for k in encoded], [group[k][0].item.id for k in encoded],
-            device=self.device, max_pixels=self.config.max_pixels,
+            [panos[k] for k in encoded], [group[k].id for k in encoded],
+            device=self.device, max_pixels=self.config.max_pixels if from_file else None,
         )
-        group = list(group)
         for k, pano in zip(encoded, decoded, strict=True):
-            if not isinstance(pano, DecodeError):
-                try:
-                    check_equirectangular(group[k][0].item.id, tuple(pano.shape))
-                except DecodeError as exc:
-                    pano = exc
-            group[k] = (group[k][0], pano)
-        return group
+            panos[k] = pano
+        return panos
 
     def _failed(self, item, exc: Exception) -> EmbedResult:
         """The item's result with its error: the message names the item once."""
-        item_id = getattr(item, "id", None)
-        message = str(exc) if isinstance(exc, DecodeError) else f"{item_id}: {exc}"
-        meta = getattr(item, "meta", {}) if isinstance(getattr(item, "meta", None), dict) else {}
-        return EmbedResult(id=str(item_id), views=self.views, meta=meta, error=message)
+        if isinstance(item, Prepared):
+            item = item.panorama
+        return EmbedResult(id=str(getattr(item, "id", None)), views=self.views, meta=item_meta(item), error=error_message(item, exc))
 
-    def _flush(self, group: list[tuple[_Admitted, object]]) -> list[EmbedResult]:
+    def _flush(self, group: list[Prepared]) -> list[EmbedResult]:
         """Embed a group, then give its decode budget back."""
         try:
             return self._run_group(group)
         finally:
-            for admitted, _ in group:
-                admitted.release()
+            for prepared in group:
+                prepared.release()
 
-    def _run_group(self, group: list[tuple[_Admitted, object]]) -> list[EmbedResult]:
+    def _run_group(self, group: list[Prepared]) -> list[EmbedResult]:
         """Reproject a group of panoramas in one launch, embed all their views in one model call."""
-        group = self._decode_on_device(group)
-        ready = [(admitted, pano) for admitted, pano in group if not isinstance(pano, DecodeError)]
+        panos = self._decode_on_device(group)
+        ready = [k for k, pano in enumerate(panos) if not isinstance(pano, DecodeError)]
         embedded = {}
         if ready:
-            items = [admitted.item for admitted, _ in ready]
-            views = self._reproject([pano for _, pano in ready], [admitted.yaw_offset for admitted, _ in ready])
+            items = [group[k] for k in ready]
+            views = self._reproject([panos[k] for k in ready], [p.yaw_offset for p in items])
             count = len(self.views)
             flat = views.reshape(len(items) * count, *views.shape[2:])
             embeddings = torch.cat(
                 [self.clip.encode_images(chunk) for chunk in flat.split(self.config.batch_size)]
             ).view(len(items), count, -1)
-            embedded = {id(item): result for item, result in zip(items, self._results(items, embeddings), strict=True)}
-        return [
-            embedded[id(admitted.item)] if id(admitted.item) in embedded else self._failed(admitted.item, pano)
-            for admitted, pano in group
-        ]
+            thumbnails = [self._thumbnails(panos[k], group[k]) if group[k].thumbnail_size else [] for k in ready]
+            embedded = dict(zip(ready, self._results(items, embeddings, thumbnails), strict=True))
+        return [embedded[k] if k in embedded else self._failed(p, panos[k]) for k, p in enumerate(group)]
 
     def _reproject(self, panos: list, yaw_offsets: list[float]) -> torch.Tensor:
         """(M, N, 3, h, w) views in the model's dtype, normalised with its mean and std, on its device."""
@@ -366,21 +386,34 @@ class Engine:
             "antialias": self.config.antialias,
             "yaw_offsets": torch.tensor(yaw_offsets, dtype=torch.float64),
         }
+        tensors = [_as_tensor(p) for p in panos]
         if self._prep_stream is None:
-            with warnings.catch_warnings():  # a read-only caller array is fine: the kernel only reads it
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                tensors = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p) for p in panos]
             return reproject(tensors, self.views, **kwargs)
         # CUDA: copy and reproject on the prep stream, so the next group's copy overlaps the model.
         with torch.cuda.stream(self._prep_stream):
-            on_device = [p.to(self.device, non_blocking=True) for p in panos]
+            on_device = [p.to(self.device, non_blocking=True) for p in tensors]
             views = reproject(on_device, self.views, **kwargs)
         torch.cuda.current_stream(self.device).wait_stream(self._prep_stream)
         for tensor in (*on_device, views):
             tensor.record_stream(torch.cuda.current_stream(self.device))
         return views
 
-    def _results(self, items: list[Panorama], embeddings: torch.Tensor) -> list[EmbedResult]:
+    def _thumbnails(self, pano, prepared: Prepared) -> list[bytes]:
+        """A JPEG per view, ``thumbnail_size`` pixels wide (its height by the view's aspect), cut by the kernel
+        from the same decoded panorama as the views the model sees."""
+        size = prepared.thumbnail_size
+        small = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, size, max(1, round(size * v.height / v.width))) for v in self.views]
+        tensor = _as_tensor(pano).to(self.device)
+        out = reproject([tensor], small, out_dtype=torch.uint8, layout="NHWC",
+                        yaw_offsets=torch.tensor([prepared.yaw_offset], dtype=torch.float64))
+        thumbnails = []
+        for view in out[0].cpu().numpy():
+            buffer = io.BytesIO()
+            Image.fromarray(view).save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+            thumbnails.append(buffer.getvalue())
+        return thumbnails
+
+    def _results(self, items: list[Prepared], embeddings: torch.Tensor, thumbnails: list[list[bytes]]) -> list[EmbedResult]:
         """(M, N, D) view embeddings -> M results. Readings for the whole group are computed on the
         model's device and copied back once, not once per panorama."""
         views = embeddings.float()
@@ -395,6 +428,7 @@ class Engine:
                 pooled=pooled_out[m],
                 readings={name: {"pooled": r["pooled"][m], "views": r["views"][m]} for name, r in readings.items()},
                 meta=item.meta,
+                thumbnails=thumbnails[m],
             )
             for m, item in enumerate(items)
         ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.decode import DecodeError, decode_image, required_width
+from engine.decode import DecodeError, required_width
 from engine.dream.core import (
     Progress,
     _header,
@@ -26,8 +25,9 @@ from engine.dream.core import (
 )
 from engine.dream.params import DreamParams, label_vocabularies, prompt_from_labels
 from engine.models.diffusion import Dreamer
-from engine.pipeline import Engine, Panorama, check_equirectangular
+from engine.pipeline import Engine, Panorama
 from engine.results import file_stems
+from engine.types import error_message, item_meta
 from kernels import ViewSpec
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,18 +112,20 @@ def _dream_groups(engine, dreamer, panoramas, params, vocabularies, template, pr
 
 
 def _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress) -> list[DreamResult]:
-    # Decode each panorama once, for CLIP and SD alike; a failure stays with its item (by position).
+    # Decode each panorama once, for CLIP and SD alike, through the Engine's input stage (into host arrays,
+    # at the width the SD views need); a failure stays with its item (by position).
     decoded, failed = [], {}
     for k, item in enumerate(group):
         try:
-            decoded.append((k, item, _decode(item, engine.config.max_pixels, min_width)))
+            decoded.append((k, item, engine.decode(engine.prepare(item, min_width=min_width, host=True))))
         except (DecodeError, ValueError, TypeError) as exc:
-            failed[k] = _error_text(item, exc)
+            failed[k] = error_message(item, exc)
 
-    # Prompts: one for every view, or each view's top label per vocabulary, read by the engine from its own views.
+    # Prompts: one for every view, or each view's top label per vocabulary, read by the engine from its own
+    # views (the prepared panoramas are checked no more).
     readings = {}
     if vocabularies and decoded:
-        seen = engine.embed([Panorama(id=item.id, data=pano, yaw_offset=item.yaw_offset) for _, item, pano in decoded])
+        seen = engine.embed([prepared for _, _, prepared in decoded])
         for (k, _, _), result in zip(decoded, seen, strict=True):
             if result.error:
                 failed[k] = result.error
@@ -146,7 +148,7 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
 
     # The same views the engine cuts, at the model's size, [-1, 1]; img2img across panoramas, batch by batch.
     rendered = dreamer.render(
-        [pano for _, _, pano in decoded], engine.views, [item.yaw_offset for _, item, _ in decoded], antialias=engine.config.antialias
+        [p.pixels for _, _, p in decoded], engine.views, [p.yaw_offset for _, _, p in decoded], antialias=engine.config.antialias
     )
     flat = rendered.reshape(len(decoded) * count, *rendered.shape[2:])  # (M * N, 3, S, S)
     size = params.batch_size
@@ -214,27 +216,8 @@ def _trajectories(engine, outputs, view_emb, prompt_emb) -> list[Trajectory]:
     return per_item
 
 
-def _decode(item: Panorama, max_pixels: int, min_width: int) -> np.ndarray:
-    """A 2:1 uint8 panorama, decoded once for both CLIP and SD, at the width the SD views need."""
-    if not isinstance(item, Panorama):
-        raise TypeError(f"expected a Panorama, got {type(item).__name__}")
-    if not isinstance(item.id, str) or not item.id:
-        raise ValueError(f"panorama id must be a non-empty string, got {item.id!r}")
-    if not math.isfinite(item.yaw_offset):
-        raise ValueError(f"yaw_offset must be finite, got {item.yaw_offset}")
-    data = item.data.detach().cpu().numpy() if isinstance(item.data, torch.Tensor) else item.data
-    pano = decode_image(data, name=item.id, max_pixels=max_pixels, min_width=min_width)
-    check_equirectangular(item.id, pano.shape)
-    return pano
-
-
-def _error_text(item, exc: Exception) -> str:
-    return str(exc) if isinstance(exc, DecodeError) else f"{getattr(item, 'id', item)}: {exc}"
-
-
 def _meta(item) -> dict:
-    meta = getattr(item, "meta", None)
-    return dict(meta) if isinstance(meta, dict) else {}
+    return dict(item_meta(item))
 
 
 # ---------------------------------------------------------------------------------------------------
