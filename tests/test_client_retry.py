@@ -167,7 +167,7 @@ def test_a_writer_cancelled_just_as_its_pull_finished_leaves_the_item_to_the_nex
 
     async def main():
         stream = _EmbedStream(None, panoramas(blobs, 3), pb.EmbedRequest(), window=3, max_bytes=2**26, dtype=None,
-                              failure_views=[], thumbnails=False)
+                              failure_views=[])
         writer = asyncio.create_task(stream._next())
         while stream._pulling is None or not stream._pulling.done():
             await asyncio.sleep(0)

@@ -18,7 +18,10 @@ from PIL import Image
 from engine import Engine, EngineConfig, Panorama, Prepared
 from engine.decode import check_pixels
 from engine.models.tiny import make_tiny_clip
+from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
+from engine.serve import wire
+from engine.serve.server import BackgroundServer, ServerConfig
 from engine.types import check_equirectangular
 from kernels import ViewSpec
 from kernels.reference import reproject_reference
@@ -84,6 +87,21 @@ def stub(server) -> pb_grpc.MimeticStub:
 # -- checked once -----------------------------------------------------------------------------------
 
 
+def test_a_grpc_item_is_checked_once(engine, small, monkeypatch):
+    blobs = [jpeg(np.roll(small, 8 * k, axis=1)) for k in range(3)] + [png(small)]
+    raw = pb.Image(raw=pb.RawImage(data=small.tobytes(), height=64, width=128, channels=3))
+    requests = [pb.EmbedRequest(request_id=f"r{k}", id=f"item-{k}", image=pb.Image(encoded=blob)) for k, blob in enumerate(blobs)]
+    requests.append(pb.EmbedRequest(request_id="r4", id="item-4", image=raw))
+    requests.append(pb.EmbedRequest(request_id="r5", id="item-5", image=pb.Image(encoded=blobs[0]), view_preset="cube6",
+                                    outputs=[pb.OUTPUT_THUMBNAILS], thumbnail_size=32))
+    with BackgroundServer(engine, ServerConfig(port=0, max_in_flight=6)) as server:  # loaded (and warmed up) here
+        shapes, pixels = count_checks(monkeypatch)
+        responses = list(stub(server).Embed(iter(requests)))
+    assert [r.status.code for r in responses] == [OK] * 6, [r.status for r in responses]
+    ids = [f"item-{k}" for k in range(6)]
+    assert sorted(shapes) == ids and sorted(pixels) == ids  # each check once per item: none twice, none left out
+
+
 def test_an_item_embedded_in_process_is_checked_once_and_a_prepared_one_not_again(engine, small, tmp_path, monkeypatch):
     path = tmp_path / "p.jpg"
     path.write_bytes(jpeg(small))
@@ -122,6 +140,41 @@ def test_prepare_reads_the_cost_from_the_header_and_refuses_before_decoding(engi
         engine.prepare(Panorama(id="p", data=small, yaw_offset=math.inf))
     with pytest.raises(TypeError, match="expected a Panorama, got str"):
         engine.prepare("p.jpg")
+
+
+# -- errors name their item once, and are the Engine's own -------------------------------------------
+
+
+def test_a_grpc_item_s_error_names_it_once_and_is_the_engine_s_message(engine, small):
+    name = "pano-7"
+    good = jpeg(small)
+    cases = {
+        "yaw": (dict(image=pb.Image(encoded=good), yaw_offset=math.nan), INVALID, Panorama(name, good, yaw_offset=math.nan)),
+        "square": (dict(image=pb.Image(encoded=jpeg(small[:, :64]))), INVALID, Panorama(name, jpeg(small[:, :64]))),
+        "big": (dict(image=pb.Image(encoded=jpeg(np.zeros((128, 256, 3), np.uint8)))), EXHAUSTED,
+                Panorama(name, jpeg(np.zeros((128, 256, 3), np.uint8)))),
+        "truncated": (dict(image=pb.Image(encoded=good[: len(good) // 2])), INVALID, Panorama(name, good[: len(good) // 2])),
+        "garbage": (dict(image=pb.Image(encoded=b"not an image")), INVALID, Panorama(name, b"not an image")),
+        "raw-square": (dict(image=pb.Image(raw=pb.RawImage(data=bytes(300), height=10, width=10, channels=3))), INVALID,
+                       Panorama(name, np.zeros((10, 10, 3), np.uint8))),
+        "raw-short": (dict(image=pb.Image(raw=pb.RawImage(data=bytes(10), height=64, width=128, channels=3))), INVALID, None),
+        "views": (dict(image=pb.Image(encoded=good), views=pb.ViewList(views=[pb.View(fov=200.0)])), INVALID, None),
+        "view-size": (dict(image=pb.Image(encoded=good), views=pb.ViewList(views=[pb.View(width=7, height=7)])), INVALID, None),
+        "preset": (dict(image=pb.Image(encoded=good), view_preset="ring5"), INVALID, None),
+        "no-image": (dict(), INVALID, None),
+    }
+    requests = [pb.EmbedRequest(request_id=key, id=name, **fields) for key, (fields, _, _) in cases.items()]
+    with BackgroundServer(engine, ServerConfig(port=0, max_in_flight=len(requests))) as server:
+        responses = {r.request_id: r.status for r in stub(server).Embed(iter(requests))}
+    for key, (_, code, local) in cases.items():
+        status = responses[key]
+        assert status.code == code, (key, status)
+        assert status.message.startswith(f"{name}: ") and status.message.count(name) == 1, (key, status.message)
+        if local is not None:  # the in-process Engine says the same of the same input
+            [expected] = engine.embed([local])
+            assert status.message == expected.error, key
+    assert "yaw_offset must be a finite number of degrees, got nan" in responses["yaw"].message
+    assert "model's input size" in responses["view-size"].message and "ring5" in responses["preset"].message
 
 
 # -- with_views ---------------------------------------------------------------------------------------
@@ -175,3 +228,15 @@ def test_thumbnails_are_the_views_at_their_size_and_turn_with_the_yaw_offset(eng
     assert none.thumbnails == []
     with pytest.raises(ValueError, match="thumbnails must be"):
         engine.embed([Panorama(id="p", data=blob)], thumbnails=0)
+
+
+def test_the_server_s_thumbnails_are_the_engine_s(engine, small):
+    blob = jpeg(small)
+    request = pb.EmbedRequest(request_id="r", id="p", image=pb.Image(encoded=blob), view_preset="cube6",
+                              outputs=[pb.OUTPUT_THUMBNAILS], thumbnail_size=32, yaw_offset=30.0)
+    with BackgroundServer(engine, ServerConfig(port=0)) as server:
+        [response] = list(stub(server).Embed(iter([request])))
+    assert response.status.code == OK
+    [local] = engine.with_views("cube6").embed([Panorama(id="p", data=blob, yaw_offset=30.0)], thumbnails=32)
+    assert list(response.thumbnails) == local.thumbnails and len(local.thumbnails) == 6
+    assert wire.result_from_response(response, dtype=torch.float32, views=[]).thumbnails == local.thumbnails

@@ -6,10 +6,10 @@ import time
 
 from google.rpc import code_pb2, status_pb2
 
-from engine.pipeline import EmbedResult
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.serve import wire
 from engine.serve.stream import Item, Stream
+from engine.types import EmbedResult
 
 
 def _status(code: int, message: str = "") -> status_pb2.Status:
@@ -34,7 +34,7 @@ class Answers:
             if item.finished:
                 return
             item.finished = True
-            item.panorama = None
+            item.prepared = None  # its image: gone with its answer
             stream.items.pop(item.request_id, None)
         if stream.ended:  # cut: nobody will write this any more
             return
@@ -69,7 +69,7 @@ class Answers:
             response.pooled.CopyFrom(wire.tensor_to_proto(result.pooled))
         if pb.OUTPUT_READINGS in item.outputs:
             response.readings.extend(wire.readings_to_proto(result.readings, item.vocabularies, item.top_k))
-        response.thumbnails.extend(item.thumbnails)
+        response.thumbnails.extend(result.thumbnails)
         response.meta.CopyFrom(request.meta)
         queue_s, engine_s = stats["started"] - item.queued_at, done_at - stats["started"]
         timings = response.timings

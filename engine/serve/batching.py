@@ -11,8 +11,9 @@ under load a batch fills at once from what queued meanwhile (up to ``max_batch``
 the first item waits at most ``max_delay_s`` for company. That is the whole policy: no reordering,
 first come first served across streams.
 
-An item (``engine.serve.stream.Item``) has ``engine`` (the Engine, or a copy of it with other views: one
-engine call per distinct one in a batch), ``panorama``, ``views`` (its view count), ``deadline``
+An item (``engine.serve.stream.Item``) has ``engine`` (the Engine, or the Engine with other views, from
+``Engine.with_views``: one engine call per distinct one in a batch), ``prepared`` (its image through the
+Engine's input stage, decoded: the Engine checks it no more), ``views`` (its view count), ``deadline``
 (time.monotonic(), or None), ``finished`` (its stream went away), ``queued_at``, ``read_at`` and
 ``item_id``. Items that are finished, or whose deadline has passed, are dropped before the model, the
 latter answered through ``on_error(item, DEADLINE_EXCEEDED, message)``, the former handed to
@@ -158,7 +159,7 @@ class Batcher:
         for items in groups.values():
             done = 0
             try:
-                for item, result in zip(items, items[0].engine.embed_iter([i.panorama for i in items]), strict=True):
+                for item, result in zip(items, items[0].engine.embed_iter([i.prepared for i in items]), strict=True):
                     done += 1
                     if result.error is None:
                         self._metrics.embedded(item.views)

@@ -51,18 +51,17 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 import torch
 
 from engine.decode import DecodeError, decode_image
-from engine.pipeline import EmbedResult, Panorama, read_bytes
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
 from engine.serve import wire
 from engine.serve.config import DEFAULT_MAX_MESSAGE_BYTES
+from engine.types import EmbedResult, Panorama, check_panorama, error_message, item_meta, read_bytes
 from engine.views import DEFAULT_SIZE, view_set
 from kernels import ViewSpec
 
@@ -71,11 +70,9 @@ _DONE = object()
 _WRITE_RACE = "Internal error from Core"  # grpc.aio's details for a write that failed in core (set_internal_error)
 
 
-@dataclass
-class ThumbnailedResult(EmbedResult):
-    """An EmbedResult with ``thumbnails``: a JPEG per view, when ``embed(..., outputs=[..., "thumbnails"])``."""
-
-    thumbnails: list[bytes] = field(default_factory=list)
+# Thumbnails (a JPEG per view, with ``embed(..., outputs=[..., "thumbnails"])``) are an EmbedResult field,
+# as the Engine gives them; the name stays for callers that used it.
+ThumbnailedResult = EmbedResult
 
 
 class ServerUnavailableError(grpc.RpcError):
@@ -318,13 +315,12 @@ class AsyncMimeticClient:
             failure_views = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, width, height) for v in specs]
         if info.limits.max_views and len(failure_views) > info.limits.max_views:
             raise ValueError(f"{len(failure_views)} views, over the server's limit of {info.limits.max_views} per panorama")
-        thumbnails = pb.OUTPUT_THUMBNAILS in template.outputs
-        if thumbnails and info.limits.max_thumbnail_size and (thumbnail_size or 0) > info.limits.max_thumbnail_size:
+        if pb.OUTPUT_THUMBNAILS in template.outputs and info.limits.max_thumbnail_size and (thumbnail_size or 0) > info.limits.max_thumbnail_size:
             raise ValueError(f"thumbnail_size {thumbnail_size} is over the server's limit of {info.limits.max_thumbnail_size}")
         return _EmbedStream(
             self, panoramas, template, window=self.max_in_flight or info.limits.max_in_flight,
             max_bytes=min(self.max_message_bytes, info.limits.max_message_bytes), dtype=getattr(torch, info.dtype),
-            failure_views=failure_views, thumbnails=thumbnails,
+            failure_views=failure_views,
         )
 
 
@@ -336,14 +332,13 @@ class _EmbedStream:
     result has been handed to the caller, so at most ``window`` panoramas are held here at any time.
     """
 
-    def __init__(self, client: AsyncMimeticClient, source, template, *, window, max_bytes, dtype, failure_views, thumbnails):
+    def __init__(self, client: AsyncMimeticClient, source, template, *, window, max_bytes, dtype, failure_views):
         self.client = client
         self.source = source
         self.template = template
         self.max_bytes = max_bytes
         self.dtype = dtype
         self.failure_views = failure_views
-        self.thumbnails = thumbnails
         self.slots = asyncio.Semaphore(window)
         self.pending: dict[str, tuple[int, Panorama, pb.EmbedRequest]] = {}  # sent, not answered: by request_id
         self.arrivals: asyncio.Queue = asyncio.Queue()  # (seq, result), an exception, or _DONE; each result holds a slot
@@ -490,10 +485,7 @@ class _EmbedStream:
             self.arrivals.put_nowait(exc)
 
     def _request(self, panorama: Panorama, seq: int) -> pb.EmbedRequest:
-        if not isinstance(panorama, Panorama):
-            raise TypeError(f"expected a Panorama, got {type(panorama).__name__}")
-        if not isinstance(panorama.id, str) or not panorama.id:
-            raise ValueError(f"panorama id must be a non-empty string, got {panorama.id!r}")
+        check_panorama(panorama)  # the Engine's own rules for the fields; the image is the server's Engine's to check
         request = pb.EmbedRequest()
         request.CopyFrom(self.template)
         request.request_id = str(seq)
@@ -516,10 +508,10 @@ class _EmbedStream:
         return request
 
     def _failed(self, panorama, exc: Exception) -> EmbedResult:
-        item_id = getattr(panorama, "id", None)
-        message = str(exc) if isinstance(exc, DecodeError) else f"{item_id}: {exc}"
-        meta = getattr(panorama, "meta", None)
-        return EmbedResult(id=str(item_id), views=self.failure_views, meta=meta if isinstance(meta, dict) else {}, error=message)
+        """As the Engine answers an item that fails its checks: the message names it once."""
+        return EmbedResult(
+            id=str(getattr(panorama, "id", None)), views=self.failure_views, meta=item_meta(panorama), error=error_message(panorama, exc),
+        )
 
     def _arrived(self, response: pb.EmbedResponse) -> None:
         entry = self.pending.pop(response.request_id, None)
@@ -528,8 +520,6 @@ class _EmbedStream:
         seq, panorama, _ = entry
         result = wire.result_from_response(response, dtype=self.dtype, views=self.failure_views)
         result.id, result.meta = panorama.id, panorama.meta  # the caller's own objects, as the Engine gives them back
-        if self.thumbnails and result.error is None:
-            result = ThumbnailedResult(**vars(result), thumbnails=list(response.thumbnails))
         self.arrivals.put_nowait((seq, result))
 
 

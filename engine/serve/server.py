@@ -13,27 +13,27 @@ One item's way through, top to bottom:
    faster than the model works, or reads its responses slowly, is simply not read (HTTP/2 flow
    control then holds it back).
 2. **Check, admit and decode**, in a thread pool (``decode_workers`` threads), concurrently with the
-   model: parameters, then the image's header (pixel limit, 2:1 shape, and what decoding it costs),
-   then the item waits its turn in the Engine's decoded-bytes budget (``engine.budget``: one for the
-   whole server, ``--max-decode-mib``, first come first served), then the image is decoded
-   (``engine.decode`` with the Engine's limits and DCT scaling) and its hold shrinks to the array's
-   size, which it keeps until it is answered or dropped. A bad item, or one that could never fit the
-   budget, is answered at once with its own ``google.rpc.Status`` (INVALID_ARGUMENT, or
-   RESOURCE_EXHAUSTED over a limit) and the stream goes on. On CUDA, JPEGs are left encoded (only
-   their header is read here) so that the Engine decodes them in batches with nvJPEG; they are
-   admitted here all the same, and the Engine the batches go to admits nothing itself, so that its
-   thread never waits for bytes held by the items queued behind it.
+   model: the request's own parameters, then the Engine's input stage on its image (``Engine.prepare``:
+   its header gives the pixel limit, the 2:1 shape and what decoding it costs; nothing is checked
+   twice), then the item waits its turn in the Engine's decoded-bytes budget (``engine.budget``: one
+   for the whole server, ``--max-decode-mib``, first come first served), then ``Engine.decode`` (the
+   Engine's limits and DCT scaling) and its hold shrinks to the array's size, which it keeps until it
+   is answered or dropped. A bad item, or one that could never fit the budget, is answered at once
+   with its own ``google.rpc.Status`` (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED over a limit) and the
+   stream goes on. Where the Engine decodes JPEGs in batches with nvJPEG (CUDA), its ``decode`` leaves
+   them encoded; they are admitted here all the same, and the Engine holds nothing for the decoded
+   items it is handed, so that its thread never waits for bytes held by the items queued behind it.
 3. **Queue**: one queue for every stream, bounded by ``max_queue`` items; a full queue holds the
    streams' readers back.
 4. **Batch** (``engine.serve.batching``): a single worker thread takes items from the queue when the
    Engine is free: up to ``max_batch`` views, waiting at most ``max_delay_ms`` after the first item
    for others, from any stream. Items whose deadline passed while queued, or whose stream went
    away, are dropped here, before the model, with DEADLINE_EXCEEDED (or nothing, for a stream that
-   is gone). Items asking for another view set than the server's are embedded by a copy of the
-   Engine that shares its model and differs only in ``views``.
+   is gone). Items asking for another view set than the server's are embedded by
+   ``Engine.with_views``, which shares the model and differs only in its views.
 5. **Respond**: results come back to the event loop one by one as the Engine yields them; the
-   response (fp16 bytes, readings cut to the requested vocabularies and top-k, timings) is written
-   to the item's stream, which then frees the slot and the item's bytes in the budget.
+   response (fp16 bytes, readings cut to the requested vocabularies and top-k, the Engine's thumbnails,
+   timings) is written to the item's stream, which then frees the slot and the item's bytes in the budget.
 
 Memory is bounded everywhere: at most ``max_streams`` streams of K items each, of which at most
 ``max_queue`` wait for a batch, and at most ``max_decode_mib`` of decoded images over all of them.

@@ -5,31 +5,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import copy
-import io
-import math
-import sys
 import time
-import warnings
 from collections.abc import Callable
 
 import grpc
-import numpy as np
 import torch
 from google.rpc import code_pb2
-from PIL import Image
 
-from engine.budget import DecodeBudget
-from engine.decode import (
-    DecodeError,
-    ImageTooLargeError,
-    check_pixels,
-    decode_cost,
-    decode_image,
-    read_header,
-    required_width,
-)
-from engine.pipeline import Engine, Panorama, check_equirectangular
+from engine.decode import DecodeError, ImageTooLargeError
+from engine.pipeline import Engine
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
 from engine.serve import wire
@@ -39,13 +23,12 @@ from engine.serve.config import ServerConfig
 from engine.serve.metrics import Metrics
 from engine.serve.pool import DaemonPool
 from engine.serve.stream import _DRAINING, Item, ItemError, Stream, _Holds
-from engine.views import PRESETS, view_set
-from kernels import ViewSpec, reproject
-from kernels.geometry import wrap_degrees
+from engine.types import Panorama, Prepared
+from engine.views import PRESETS
 
 DEFAULT_THUMBNAIL_SIZE = 128
 MAX_TEXTS = 4096  # per EmbedText call
-_VARIANTS_KEPT = 16  # view sets other than the server's, each a shallow copy of the Engine
+_VARIANTS_KEPT = 16  # view sets other than the server's (Engine.with_views: each shares the Engine's model)
 
 
 # -- the service ----------------------------------------------------------------------------------
@@ -56,13 +39,12 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
 
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics, draining: asyncio.Event, dream_handler=None):
         # The one budget of decoded bytes for the whole server (every stream, every view set) is the
-        # Engine's. The server admits every item against it before the item reaches a batch; the
-        # Engine copy that embeds the batches admits nothing again, so that the engine thread never
-        # waits for bytes held by items queued behind it (a deadlock), nor counts an item twice.
+        # Engine's. The server admits every item against it before the item reaches a batch and hands
+        # the Engine decoded items, for which it holds nothing again: so the engine thread never waits
+        # for bytes held by items queued behind it (a deadlock), nor counts an item twice.
         self.holds = _Holds(engine.decode_budget)
         metrics.watch_budget(engine.decode_budget)
-        self.engine = copy.copy(engine)
-        self.engine.decode_budget = DecodeBudget(sys.maxsize)
+        self.engine = engine
         self.config = config
         self.metrics = metrics
         self.dream_handler = dream_handler
@@ -78,14 +60,11 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         # Decoding runs in threads next to the model (PIL and the kernels release the GIL).
         self.decode_pool = DaemonPool(engine.config.decode_workers, "mimetic-decode")
         self.text_pool = DaemonPool(1, "mimetic-text")
-        # On CUDA the Engine decodes JPEG groups with nvJPEG: leave them encoded, read only their header.
-        self.decode_here = not getattr(engine, "decode_on_device", False)
         self.batcher = Batcher(
             self.loop, max_batch=self.max_batch, max_delay_s=config.max_delay_ms / 1e3, max_queue=config.max_queue,
             metrics=metrics, on_result=self._on_result, on_error=self._on_error, on_drop=self.holds.release,
         )
         self._variants: collections.OrderedDict[tuple, Engine] = collections.OrderedDict()
-        self._default_key = self._views_key(engine.views)
         self._labels = {name: list(v.labels) for name, v in engine.vocabularies.items()}
 
     def close(self) -> None:
@@ -198,7 +177,8 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
     async def Dream(self, request_iterator, context):
         """``dream_handler.dream(DreamRequest) -> DreamResponse``, one request at a time in a worker thread.
 
-        Without a handler (the diffusion engine arrives with its own issue), the call is UNIMPLEMENTED.
+        Without a handler the call is UNIMPLEMENTED: ``mimetic serve`` passes none yet (the diffusion engine,
+        ``engine.models.diffusion.Dreamer``, exists; serving it over gRPC is still to come).
         A ValueError from the handler is the item's INVALID_ARGUMENT, anything else its INTERNAL; the
         stream goes on either way. Like Embed, a Dream stream counts against max_streams, is ended when
         idle, reads nothing more once the server drains and is cut at the end of the grace period.
@@ -361,9 +341,9 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         stream.items[request_id] = item  # before any await: a repeated request_id is seen at once
         try:
             self._parse(item, call_deadline)
-            cost = await self._in_decode_pool(item, self._measure)
-            await self._take(item, cost)
-            item.panorama = await self._in_decode_pool(item, self._prepare)
+            item.prepared = await self._in_decode_pool(item, self._measure)
+            await self._take(item, item.prepared.cost)
+            await self._in_decode_pool(item, self._decode)
             item.decode_s = time.monotonic() - read_at  # the header, the wait for the budget, the decode
             if not item.finished:
                 await self.batcher.put(item)  # from here on the batch worker or the answer lets it go
@@ -408,7 +388,8 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
             ) from None
 
     def _parse(self, item: Item, call_deadline: float | None) -> None:
-        """Check the request's parameters against the Engine and the limits; fill in the item."""
+        """The request's own parameters (the views, what to answer, the deadline), checked against the
+        server's Engine and limits; its image and yaw_offset are the Engine's to check (``_measure``)."""
         request, name = item.request, item.item_id
         item.engine = self._engine_for(request, name)
         if item.views > self.config.max_views:
@@ -429,128 +410,65 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         if any(o not in pb.Output.values() for o in outputs):
             raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: unknown output in {sorted(request.outputs)}")
         item.outputs = outputs or wire.DEFAULT_OUTPUTS
-        size = request.thumbnail_size or DEFAULT_THUMBNAIL_SIZE
-        if pb.OUTPUT_THUMBNAILS in item.outputs and size > self.config.max_thumbnail_size:
-            raise ItemError(
-                code_pb2.RESOURCE_EXHAUSTED, f"{name}: thumbnail_size {size} is over the limit of {self.config.max_thumbnail_size}"
-            )
-        if not math.isfinite(request.yaw_offset):
-            raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: yaw_offset must be finite, got {request.yaw_offset}")
+        if pb.OUTPUT_THUMBNAILS in item.outputs:
+            size = request.thumbnail_size or DEFAULT_THUMBNAIL_SIZE
+            if size > self.config.max_thumbnail_size:
+                raise ItemError(
+                    code_pb2.RESOURCE_EXHAUSTED, f"{name}: thumbnail_size {size} is over the limit of {self.config.max_thumbnail_size}"
+                )
+            item.thumbnail_size = size
         deadlines = [d for d in (call_deadline, item.read_at + request.timeout_ms / 1e3 if request.timeout_ms else None) if d]
         item.deadline = min(deadlines) if deadlines else None
 
-    @staticmethod
-    def _views_key(views: list[ViewSpec]) -> tuple:
-        return tuple((v.yaw, v.pitch, v.roll, v.fov) for v in views)
-
     def _engine_for(self, request: pb.EmbedRequest, name: str) -> Engine:
-        """The Engine itself, or a shallow copy of it with the request's views (sharing its model)."""
+        """The Engine itself, or the Engine with the request's views (``Engine.with_views``), the last few kept."""
         selection = request.WhichOneof("view_selection")
         if selection is None:
             return self.engine
-        height, width = self.engine.clip.image_size
-        try:
-            if selection == "view_preset":
-                views = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, width, height) for v in view_set(request.view_preset, size=width)]
-            else:
-                count = len(request.views.views)
-                if count > self.config.max_views:
-                    raise ItemError(code_pb2.RESOURCE_EXHAUSTED, f"{name}: {count} views, over the limit of {self.config.max_views} per item")
-                if not count:
-                    raise ValueError("an empty view list")
-                for v in request.views.views:
-                    if (v.width, v.height) not in ((0, 0), (width, height)):
-                        raise ValueError(f"views are cut at the model's input size {width}x{height}; leave width and height 0")
-                views = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov or 90.0, width, height) for v in request.views.views]
-        except (ValueError, KeyError) as exc:
-            raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: bad views: {exc}") from None
-        key = self._views_key(views)
-        if key == self._default_key:
-            return self.engine
+        if selection == "view_preset":
+            views, key = request.view_preset, request.view_preset
+        else:
+            count = len(request.views.views)
+            if count > self.config.max_views:
+                raise ItemError(code_pb2.RESOURCE_EXHAUSTED, f"{name}: {count} views, over the limit of {self.config.max_views} per item")
+            if not count:
+                raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: bad views: an empty view list")
+            views = wire.views_from_proto(request.views)
+            key = tuple(tuple(sorted(view.items())) for view in views)
         variant = self._variants.get(key)
         if variant is None:
-            variant = copy.copy(self.engine)
-            variant.views = views
-            variant.min_decode_width = required_width(views)
+            try:
+                variant = self.engine.with_views(views)
+            except ValueError as exc:
+                raise ItemError(code_pb2.INVALID_ARGUMENT, f"{name}: bad views: {exc}") from None
+            # The same views asked for another way (a preset, or its list) batch together.
+            variant = next((kept for kept in self._variants.values() if kept.views == variant.views), variant)
             self._variants[key] = variant
             if len(self._variants) > _VARIANTS_KEPT:
                 self._variants.popitem(last=False)
         self._variants.move_to_end(key)
         return variant
 
-    def _decodes_here(self, item: Item) -> bool:
-        return self.decode_here or pb.OUTPUT_THUMBNAILS in item.outputs
-
-    def _measure(self, item: Item) -> int:
-        """In a decode thread: the image's header alone -> the pixel limit, the 2:1 shape (of the file's own
-        size, before any reduced decoding) and the bytes decoding it takes, to admit it against the budget."""
-        request, name, engine = item.request, item.item_id, item.engine
-        max_pixels = engine.config.max_pixels
+    def _measure(self, item: Item) -> Prepared:
+        """In a decode thread: the Engine's input stage (``Engine.prepare``) on the request's image, from its
+        header alone: the item's checks, and the bytes decoding it takes, to admit it against the budget."""
+        request, name = item.request, item.item_id
         try:
-            kind = request.image.WhichOneof("data")
-            if kind == "raw":
-                raw = request.image.raw
-                height, width, channels = raw.height, raw.width, raw.channels
-                if channels not in (1, 3, 4) or not height or not width:
-                    raise DecodeError(name, f"raw image must be (H, W, C) with H, W > 0 and C in 1, 3, 4, got {height}x{width}x{channels}")
-                check_pixels(name, width, height, max_pixels)
-                if len(raw.data) != height * width * channels:
-                    raise DecodeError(name, f"raw image of {height}x{width}x{channels} needs {height * width * channels} bytes, got {len(raw.data)}")
-                check_equirectangular(name, (height, width))
-                return 3 * width * height  # the RGB array it becomes: already uncompressed, it costs its size
-            if kind != "encoded":
-                raise DecodeError(name, "no image in the request (set image.encoded or image.raw)")
-            header = read_header(request.image.encoded, name=name)
-            check_pixels(name, header.width, header.height, max_pixels)
-            check_equirectangular(name, (header.height, header.width))
-            # Decoded here, a JPEG is reduced by DCT scaling; on CUDA the Engine decodes it at full size.
-            return decode_cost(header, min_width=engine.min_decode_width if self._decodes_here(item) else None)
+            panorama = Panorama(id=name, data=wire.image_from_proto(request.image, name), yaw_offset=request.yaw_offset)
+            return item.engine.prepare(panorama, thumbnails=item.thumbnail_size)
         except ImageTooLargeError as exc:
             raise ItemError(code_pb2.RESOURCE_EXHAUSTED, str(exc)) from None
         except DecodeError as exc:
             raise ItemError(code_pb2.INVALID_ARGUMENT, str(exc)) from None
 
-    def _prepare(self, item: Item) -> Panorama:
-        """In a decode thread, once admitted: the request's image -> a checked Panorama for the Engine (and
-        thumbnails); the item's hold in the budget shrinks to the array it keeps."""
-        request, name, engine = item.request, item.item_id, item.engine
-        max_pixels = engine.config.max_pixels
+    def _decode(self, item: Item) -> None:
+        """In a decode thread, once admitted: ``Engine.decode``; the item's hold in the budget shrinks to the
+        array it keeps (the Engine leaves a JPEG it decodes with nvJPEG encoded, holding its full cost)."""
         try:
-            if request.image.WhichOneof("data") == "raw":
-                data = self._raw(request.image.raw, name, max_pixels)
-            elif self._decodes_here(item):
-                data = decode_image(request.image.encoded, name=name, max_pixels=max_pixels, min_width=engine.min_decode_width)
-            else:
-                data = request.image.encoded  # the Engine decodes it with nvJPEG, in its batch
-            if isinstance(data, np.ndarray):
-                check_equirectangular(name, data.shape)
-                self.holds.shrink(item, data.nbytes)  # the decoder's scratch is gone
-                if pb.OUTPUT_THUMBNAILS in item.outputs:
-                    item.thumbnails = self._thumbnails(data, engine.views, request)
-        except ImageTooLargeError as exc:
-            raise ItemError(code_pb2.RESOURCE_EXHAUSTED, str(exc)) from None
+            pixels = item.engine.decode(item.prepared).pixels
         except DecodeError as exc:
             raise ItemError(code_pb2.INVALID_ARGUMENT, str(exc)) from None
-        return Panorama(id=name, data=data, meta={}, yaw_offset=request.yaw_offset)
-
-    @staticmethod
-    def _raw(raw: pb.RawImage, name: str, max_pixels: int) -> np.ndarray:
-        """A raw image (checked by ``_measure``) -> uint8 (H, W, 3); three channels are read in place."""
-        array = np.frombuffer(raw.data, dtype=np.uint8).reshape(raw.height, raw.width, raw.channels)
-        return decode_image(array[..., 0] if raw.channels == 1 else array, name=name, max_pixels=max_pixels)
-
-    @staticmethod
-    def _thumbnails(pano: np.ndarray, views: list[ViewSpec], request: pb.EmbedRequest) -> list[bytes]:
-        size = request.thumbnail_size or DEFAULT_THUMBNAIL_SIZE
-        small = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, size, max(1, round(size * v.height / v.width))) for v in views]
-        with warnings.catch_warnings():  # the kernel only reads the (possibly read-only) array
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensor = torch.from_numpy(pano)
-        out = reproject([tensor], small, out_dtype=torch.uint8, layout="NHWC",
-                        yaw_offsets=torch.tensor([wrap_degrees(request.yaw_offset)], dtype=torch.float64))
-        thumbnails = []
-        for view in out[0].numpy():
-            buffer = io.BytesIO()
-            Image.fromarray(view).save(buffer, format="JPEG", quality=85)
-            thumbnails.append(buffer.getvalue())
-        return thumbnails
+        if isinstance(pixels, torch.Tensor):
+            self.holds.shrink(item, pixels.numel() * pixels.element_size())  # the decoder's scratch is gone
+        elif not isinstance(pixels, bytes):
+            self.holds.shrink(item, pixels.nbytes)

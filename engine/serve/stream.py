@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.budget import DecodeBudget, Reservation
-from engine.pipeline import Engine, Panorama
+from engine.pipeline import Engine
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.serve import wire
+from engine.types import Prepared
 
 # -- one request on its way -----------------------------------------------------------------------
 
@@ -34,12 +35,12 @@ class Item:
     item_id: str
     read_at: float  # time.monotonic()
     deadline: float | None = None
-    engine: Engine | None = None  # the Engine, or a copy of it with the request's views
+    engine: Engine | None = None  # the Engine, or the Engine with the request's views (Engine.with_views)
     vocabularies: tuple[str, ...] = ()
     top_k: int = 0
     outputs: frozenset = wire.DEFAULT_OUTPUTS
-    panorama: Panorama | None = None
-    thumbnails: list[bytes] = field(default_factory=list)
+    thumbnail_size: int | None = None  # asked for thumbnails: their width
+    prepared: Prepared | None = None  # what the Engine's input stage made of its image (then decoded)
     decode_s: float = 0.0
     queued_at: float = 0.0
     finished: bool = False  # answered, or its stream went away: later stages skip it

@@ -8,6 +8,7 @@ The one module that knows both sides, so that ``server`` and ``client`` convert 
     meta_to_struct(d) / meta_from_struct(s)          the metadata dict, echoed back (JSON values)
     info_to_proto(info, ...) / info_from_proto(msg)  Engine.info() plus the server's limits
     result_from_response(msg, ...)                   an EmbedResponse -> the EmbedResult the Engine gives
+    image_from_proto(msg, item) / views_from_proto(m) a request's image and views, as the Engine takes them
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2
 
-from engine.pipeline import EmbedResult
+from engine.decode import DecodeError
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+from engine.types import EmbedResult
 from kernels import ViewSpec
 
 _FLOAT16 = np.dtype("<f2")
@@ -172,4 +174,34 @@ def result_from_response(response: pb.EmbedResponse, *, dtype: torch.dtype, view
         pooled=tensor_from_proto(response.pooled, dtype) if response.HasField("pooled") else None,
         readings=readings_from_proto(response.readings),
         meta=meta,
+        thumbnails=list(response.thumbnails),
     )
+
+
+def image_from_proto(image: pb.Image, item: str) -> bytes | np.ndarray:
+    """A request's ``Image`` -> a Panorama's data: the encoded bytes, or a raw image as a uint8 (H, W, C)
+    array read in place. Only the message's own consistency is checked here (the Engine checks the
+    image): a raw image without pixels or whose data does not match its size is a DecodeError naming the item."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return image.encoded
+    if kind != "raw":
+        raise DecodeError(item, "no image in the request (set image.encoded or image.raw)")
+    raw = image.raw
+    height, width, channels = raw.height, raw.width, raw.channels
+    if channels not in (1, 3, 4) or not height or not width:
+        raise DecodeError(item, f"raw image must be (H, W, C) with H, W > 0 and C in 1, 3, 4, got {height}x{width}x{channels}")
+    if len(raw.data) != height * width * channels:
+        raise DecodeError(item, f"raw image of {height}x{width}x{channels} needs {height * width * channels} bytes, got {len(raw.data)}")
+    return np.frombuffer(raw.data, dtype=np.uint8).reshape(height, width, channels)
+
+
+def views_from_proto(message: pb.ViewList) -> list[dict]:
+    """A request's views -> the dicts ``Engine.with_views`` takes. A field left 0 is left out: the fov is
+    then 90°, the size the model's."""
+    views = []
+    for view in message.views:
+        fields = {"yaw": view.yaw, "pitch": view.pitch, "roll": view.roll}
+        fields.update({name: getattr(view, name) for name in ("fov", "width", "height") if getattr(view, name)})
+        views.append(fields)
+    return views
