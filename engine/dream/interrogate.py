@@ -80,40 +80,49 @@ def interrogate(engine: Engine, captioner: Captioner, panoramas: Iterable[Panora
 
 
 def _one(engine: Engine, captioner: Captioner, item: Panorama, flavours: Sequence[str], plain: bool | None) -> Captioned:
-    width = max(engine.min_decode_width, required_width(captioner.views(engine.views)))
-    image = decode_image(item.data, name=item.id, max_pixels=engine.config.max_pixels, min_width=None if plain else width)
-    height, image_width = image.shape[:2]
-    is_plain = plain if plain is not None else image_width != 2 * height
-    if is_plain:
+    prepared = None
+    if plain is not True:
+        # The Engine's one input stage: checked once, decoded once, at the width the denser of CLIP's and
+        # the captioner's views needs; the Engine then embeds the decoded Prepared without checking it again.
+        width = max(engine.min_decode_width, required_width(captioner.views(engine.views)))
+        try:
+            prepared = engine.decode(engine.prepare(item, min_width=width, host=True))
+        except DecodeError as refused:
+            if plain is False:
+                raise
+            image = decode_image(item.data, name=item.id, max_pixels=engine.config.max_pixels)
+            if image.shape[1] == 2 * image.shape[0]:
+                raise refused from None  # a panorama refused for another reason: that reason stands
+    else:
+        image = decode_image(item.data, name=item.id, max_pixels=engine.config.max_pixels)
+    if prepared is None:  # a plain image, read whole
         captions = captioner.caption(captioner.pixels_of([image]))
         embeddings = clip_embed(engine, from_uint8(image[None]))
         views = [PLAIN_VIEW]
         readings = _top(engine, embeddings, flavours)
     else:
-        [result] = engine.embed([Panorama(id=item.id, data=image, meta=item.meta, yaw_offset=item.yaw_offset)])
+        [result] = engine.embed([prepared])
         if result.error is not None:
             return Captioned(id=item.id, error=result.error)
-        captions = captioner.caption(captioner.render([image], engine.views, yaw_offsets=[item.yaw_offset])[0])
+        captions = captioner.caption(captioner.render([prepared.pixels], engine.views, yaw_offsets=[prepared.yaw_offset])[0])
         embeddings, views = result.embeddings, result.views
         readings = [{name: result.readings[name]["views"][k][0] for name in flavours} for k in range(len(views))]
     prompts = [interrogator_prompt(caption, reading, flavours) for caption, reading in zip(captions, readings, strict=True)]
     return Captioned(id=item.id, views=views, captions=captions, prompts=prompts, flavours=readings,
-                     embeddings=embeddings, plain=is_plain)
+                     embeddings=embeddings, plain=prepared is None)
 
 
 def _top(engine: Engine, embeddings: torch.Tensor, flavours: Sequence[str]) -> list[dict[str, tuple[str, float]]]:
-    """Each row's top label per flavour vocabulary, by the engine's own zero-shot rule (its top-k readings)."""
+    """Each row's top label per flavour vocabulary, by the engine's own zero-shot rule: softmax(100 cos)."""
     from engine.models.clip import ZERO_SHOT_LOGIT_SCALE
 
-    out = []
-    for row in embeddings.float():
-        reading = {}
-        for name in flavours:
-            text = torch.nn.functional.normalize(engine.embed_text(engine.vocabularies[name].prompts()).float(), dim=1)
-            probabilities = (ZERO_SHOT_LOGIT_SCALE * row @ text.T).softmax(dim=-1)
-            best = int(probabilities.argmax())
-            reading[name] = (engine.vocabularies[name].labels[best], float(probabilities[best]))
-        out.append(reading)
+    out: list[dict[str, tuple[str, float]]] = [{} for _ in range(len(embeddings))]
+    for name in flavours:  # each vocabulary's prompts embedded once, for every row
+        labels = engine.vocabularies[name].labels
+        text = torch.nn.functional.normalize(engine.embed_text(engine.vocabularies[name].prompts()).float(), dim=1)
+        probabilities, best = (ZERO_SHOT_LOGIT_SCALE * embeddings.float() @ text.T).softmax(dim=-1).max(dim=-1)
+        for row, (p, index) in enumerate(zip(probabilities.tolist(), best.tolist(), strict=True)):
+            out[row][name] = (labels[index], p)
     return out
 
 
