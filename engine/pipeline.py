@@ -23,7 +23,6 @@ its place in the input order.
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import io
 import os
 import warnings
@@ -47,6 +46,7 @@ from engine.decode import (
     required_width,
 )
 from engine.models.clip import ZERO_SHOT_LOGIT_SCALE, ClipModel, load_clip
+from engine.models.device import package_versions
 from engine.types import (
     EmbedResult,
     InvalidPanoramaError,
@@ -458,12 +458,7 @@ class Engine:
 
     def info(self) -> dict:
         """Everything needed to reproduce or compare a run: models, dims, device, backends, views, versions."""
-        versions = {}
-        for package in ("mimetic", "torch", "open_clip_torch", "triton", "numba", "numpy", "pillow"):
-            try:
-                versions[package] = importlib.metadata.version(package)
-            except importlib.metadata.PackageNotFoundError:
-                versions[package] = None
+        versions = package_versions(("mimetic", "torch", "open_clip_torch", "triton", "numba", "numpy", "pillow"))
         return {
             "clip": {
                 "model": self.clip.name,

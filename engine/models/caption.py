@@ -24,7 +24,6 @@ On CUDA: fp16 weights; on the CPU: fp32 (``dtype`` overrides both).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import warnings
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS
-from engine.models.device import resolve_device
+from engine.models.device import package_versions, resolve_device
 from kernels import ViewSpec, reproject
 
 DEFAULT_BEAMS, DEFAULT_MAX_TOKENS = DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS
@@ -80,12 +79,7 @@ class Captioner:
 
     def info(self) -> dict:
         """What runs: folder, architecture, device, dtype, input size, normalisation, decoding, versions."""
-        versions = {}
-        for package in ("transformers", "torch"):
-            try:
-                versions[package] = importlib.metadata.version(package)
-            except importlib.metadata.PackageNotFoundError:
-                versions[package] = None
+        versions = package_versions(("transformers", "torch"))
         return {
             "folder": str(self.folder),
             "architecture": self.architecture,

@@ -1,6 +1,9 @@
-"""``resolve_device``: the ``--device`` flag as a torch device this machine has, for every model in ``models/``."""
+"""Where a model runs, for every model in ``models/``: ``resolve_device`` (the ``--device`` flag as a torch device this
+machine has) and ``package_versions`` (the libraries it runs with, for its ``info()``)."""
 
 from __future__ import annotations
+
+import importlib.metadata
 
 import torch
 
@@ -25,3 +28,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"--device {device}: not supported; use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def package_versions(packages) -> dict[str, str | None]:
+    """Installed version of each distribution; None where it is missing."""
+    found = {}
+    for package in packages:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found

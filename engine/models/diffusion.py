@@ -28,7 +28,6 @@ Not thread-safe: one Dreamer serves one caller at a time.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -42,7 +41,7 @@ import torch
 
 from engine.models.attention import BACKENDS as ATTENTION_BACKENDS
 from engine.models.attention import xformers_available
-from engine.models.device import resolve_device
+from engine.models.device import package_versions, resolve_device
 from kernels import ViewSpec, reproject
 
 log = logging.getLogger(__name__)
@@ -194,12 +193,7 @@ class Dreamer:
 
     def info(self) -> dict:
         """What runs: folder, pipeline classes, scheduler, dtype, device, attention, compile mode, size, versions."""
-        versions = {}
-        for package in ("diffusers", "transformers", "torch", "xformers"):
-            try:
-                versions[package] = importlib.metadata.version(package)
-            except importlib.metadata.PackageNotFoundError:
-                versions[package] = None
+        versions = package_versions(("diffusers", "transformers", "torch", "xformers"))
         return {
             "folder": str(self.folder),
             "img2img": type(self.pipe_img2img).__name__,
