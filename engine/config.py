@@ -36,3 +36,14 @@ class EngineConfig:
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "largest image accepted, in pixels (decompression-bomb guard)"})
     max_decode_mib: int = field(default=2048, metadata={"help": "memory for images being decoded or waiting for the model, over every input at once, in MiB"})
     seed: int = field(default=0, metadata={"help": "seed of the untrained weights of --random-weights, so a demo or bench run is reproducible", "minimum": 0})
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """A captioner beside the Engine (``mimetic ingest --captions``): its folder, decoding, and the flavour
+    vocabularies whose top labels follow each caption in the interrogator prompt."""
+
+    model: str
+    beams: int = DEFAULT_CAPTION_BEAMS
+    max_tokens: int = DEFAULT_CAPTION_MAX_TOKENS
+    flavours: tuple[str, ...] = ("mediums", "movements", "styles")

@@ -23,6 +23,7 @@ its place in the input order.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import warnings
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,6 +47,7 @@ from engine.decode import (
     read_header,
     required_width,
 )
+from engine.models.caption import Captioner
 from engine.models.clip import ZERO_SHOT_LOGIT_SCALE, ClipModel, load_clip
 from engine.models.device import package_versions
 from engine.types import (
@@ -236,15 +239,19 @@ class Engine:
 
     # -- images -------------------------------------------------------------------------------
 
-    def embed(self, panoramas: Iterable[Panorama | Prepared], *, thumbnails: int | None = None) -> list[EmbedResult]:
+    def embed(self, panoramas: Iterable[Panorama | Prepared], *, thumbnails: int | None = None,
+              captioner: Captioner | None = None) -> list[EmbedResult]:
         """Embed every panorama; results in input order, failures in place with ``error`` set."""
-        return list(self.embed_iter(panoramas, thumbnails=thumbnails))
+        return list(self.embed_iter(panoramas, thumbnails=thumbnails, captioner=captioner))
 
-    def embed_iter(self, panoramas: Iterable[Panorama | Prepared], *, thumbnails: int | None = None) -> Iterator[EmbedResult]:
+    def embed_iter(self, panoramas: Iterable[Panorama | Prepared], *, thumbnails: int | None = None,
+                   captioner: Captioner | None = None) -> Iterator[EmbedResult]:
         """Like ``embed``, but yields each result, in input order, as soon as its batch is done.
 
         Each input is a Panorama, or a Prepared (``prepare``, perhaps ``decode`` too), which is checked
         no more. ``thumbnails``: a JPEG per view, this many pixels wide, in each result (``EmbedResult.thumbnails``).
+        ``captioner``: also caption every view (``EmbedResult.captions``), cut by the kernel at the
+        captioner's size from the same decoded panorama, which is then decoded as wide as either needs.
 
         Memory: each encoded input is admitted against ``decode_budget`` (its cost read from its header)
         before it is decoded, and holds its decoded size until its group has been embedded. When the
@@ -252,9 +259,13 @@ class Engine:
         Prepared already decoded, is the caller's memory: nothing is held for it.
         """
         _check_thumbnail_size(thumbnails)  # at the call, not at the first result
-        return self._embed_iter(panoramas, thumbnails)
+        return self._embed_iter(panoramas, thumbnails, captioner)
 
-    def _embed_iter(self, panoramas: Iterable, thumbnails: int | None) -> Iterator[EmbedResult]:
+    def _embed_iter(self, panoramas: Iterable, thumbnails: int | None, captioner) -> Iterator[EmbedResult]:
+        min_width = self.min_decode_width
+        if captioner is not None:
+            min_width = max(min_width, required_width(captioner.views(self.views)))
+        flush = functools.partial(self._flush, captioner=captioner)
         views_per_pano = len(self.views)
         group_size = max(1, self.config.batch_size // views_per_pano)
         workers = max(1, self.config.decode_workers)
@@ -278,7 +289,7 @@ class Engine:
                             window.append((item, _done_future(item)))  # decoded by the caller
                             continue
                         try:
-                            waiting = item if isinstance(item, Prepared) else self.prepare(item, thumbnails=thumbnails)
+                            waiting = item if isinstance(item, Prepared) else self.prepare(item, thumbnails=thumbnails, min_width=min_width)
                         except (DecodeError, ValueError, TypeError) as exc:
                             window.append((item, _failed_future(exc)))  # answered in its place
                             continue
@@ -295,7 +306,7 @@ class Engine:
                 if not window:
                     if waiting is None:
                         break
-                    yield from self._flush(group)  # the budget is held by our own group: embed it
+                    yield from flush(group)  # the budget is held by our own group: embed it
                     group = []
                     continue
                 entry, future = window.popleft()
@@ -304,14 +315,14 @@ class Engine:
                 except (DecodeError, ValueError, TypeError) as exc:
                     if isinstance(entry, Prepared):
                         entry.release()
-                    yield from self._flush(group)  # keep input order: flush what came before
+                    yield from flush(group)  # keep input order: flush what came before
                     group = []
                     yield self._failed(entry, exc)
                     continue
                 if len(group) == group_size:
-                    yield from self._flush(group)
+                    yield from flush(group)
                     group = []
-            yield from self._flush(group)
+            yield from flush(group)
         finally:
             # A generator abandoned half-way is closed wherever it is collected, possibly inside
             # another thread's start-up: never block there. Pending decodes are cancelled.
@@ -353,16 +364,17 @@ class Engine:
             item = item.panorama
         return EmbedResult(id=str(getattr(item, "id", None)), views=self.views, meta=item_meta(item), error=error_message(item, exc))
 
-    def _flush(self, group: list[Prepared]) -> list[EmbedResult]:
+    def _flush(self, group: list[Prepared], captioner=None) -> list[EmbedResult]:
         """Embed a group, then give its decode budget back."""
         try:
-            return self._run_group(group)
+            return self._run_group(group, captioner)
         finally:
             for prepared in group:
                 prepared.release()
 
-    def _run_group(self, group: list[Prepared]) -> list[EmbedResult]:
-        """Reproject a group of panoramas in one launch, embed all their views in one model call."""
+    def _run_group(self, group: list[Prepared], captioner=None) -> list[EmbedResult]:
+        """Reproject a group of panoramas in one launch, embed all their views in one model call (and caption
+        them in the captioner's batches)."""
         panos = self._decode_on_device(group)
         ready = [k for k, pano in enumerate(panos) if not isinstance(pano, DecodeError)]
         embedded = {}
@@ -375,7 +387,14 @@ class Engine:
                 [self.clip.encode_images(chunk) for chunk in flat.split(self.config.batch_size)]
             ).view(len(items), count, -1)
             thumbnails = [self._thumbnails(panos[k], group[k]) if group[k].thumbnail_size else [] for k in ready]
-            embedded = dict(zip(ready, self._results(items, embeddings, thumbnails), strict=True))
+            results = self._results(items, embeddings, thumbnails)
+            if captioner is not None:
+                cut = captioner.render([panos[k] for k in ready], self.views, [p.yaw_offset for p in items],
+                                       antialias=self.config.antialias)
+                captions = captioner.caption(cut.reshape(-1, *cut.shape[2:]))
+                for m, result in enumerate(results):
+                    result.captions = captions[m * count : (m + 1) * count]
+            embedded = dict(zip(ready, results, strict=True))
         return [embedded[k] if k in embedded else self._failed(p, panos[k]) for k, p in enumerate(group)]
 
     def _reproject(self, panos: list, yaw_offsets: list[float]) -> torch.Tensor:
@@ -398,16 +417,23 @@ class Engine:
             tensor.record_stream(torch.cuda.current_stream(self.device))
         return views
 
+    def view_images(self, prepared: Prepared, views: Sequence[ViewSpec]) -> np.ndarray:
+        """``views`` of a decoded input as uint8 (N, h, w, 3) images, cut by the kernel with the Engine's
+        antialiasing and the input's yaw offset: what a caller that shows or re-reads a view uses."""
+        return self._cut(prepared.pixels, prepared.yaw_offset, views)
+
+    def _cut(self, pano, yaw_offset: float, views: Sequence[ViewSpec]) -> np.ndarray:
+        out = reproject([_as_tensor(pano).to(self.device)], list(views), out_dtype=torch.uint8, layout="NHWC",
+                        antialias=self.config.antialias, yaw_offsets=torch.tensor([yaw_offset], dtype=torch.float64))
+        return out[0].cpu().numpy()
+
     def _thumbnails(self, pano, prepared: Prepared) -> list[bytes]:
         """A JPEG per view, ``thumbnail_size`` pixels wide (its height by the view's aspect), cut by the kernel
         from the same decoded panorama as the views the model sees."""
         size = prepared.thumbnail_size
         small = [ViewSpec(v.yaw, v.pitch, v.roll, v.fov, size, max(1, round(size * v.height / v.width))) for v in self.views]
-        tensor = _as_tensor(pano).to(self.device)
-        out = reproject([tensor], small, out_dtype=torch.uint8, layout="NHWC",
-                        yaw_offsets=torch.tensor([prepared.yaw_offset], dtype=torch.float64))
         thumbnails = []
-        for view in out[0].cpu().numpy():
+        for view in self._cut(pano, prepared.yaw_offset, small):
             buffer = io.BytesIO()
             Image.fromarray(view).save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
             thumbnails.append(buffer.getvalue())

@@ -49,6 +49,7 @@ class EmbedResult:
     meta: dict = field(default_factory=dict)
     error: str | None = None
     thumbnails: list[bytes] = field(default_factory=list)  # a JPEG per view, when asked for (``thumbnails=size``)
+    captions: list[str] | None = None  # a caption per view, when a captioner was given (``captioner=``)
 
 
 @dataclass(eq=False)
@@ -125,11 +126,15 @@ def array_header(data) -> ImageHeader:
     return ImageHeader(width, height, None, (width, height))
 
 
+class NotEquirectangularError(DecodeError):
+    """The image is not 2:1: a plain image, for the callers that take those too (caption, translate)."""
+
+
 def check_equirectangular(item_id: str, shape: tuple) -> None:
-    """A 2:1 (height, width, ...) shape, or a DecodeError naming the item and the size it has."""
+    """A 2:1 (height, width, ...) shape, or a NotEquirectangularError naming the item and the size it has."""
     height, width = shape[:2]
     if width != 2 * height:
-        raise DecodeError(item_id, f"equirectangular panoramas are 2:1, got {width}x{height}")
+        raise NotEquirectangularError(item_id, f"equirectangular panoramas are 2:1, got {width}x{height}")
 
 
 def read_bytes(data, item_id: str) -> bytes:

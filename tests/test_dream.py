@@ -345,9 +345,9 @@ def test_unknown_vocabulary_and_bad_templates_are_refused():
         DreamParams(from_labels=("styles", "styles")).check()
     with pytest.raises(ValueError, match="must be a plain name"):
         DreamParams(from_labels=("my style=styles",)).check()
-    with pytest.raises(ValueError, match="either a prompt or from_labels"):
+    with pytest.raises(ValueError, match="give one of a prompt, from_labels"):
         DreamParams(prompt="x", from_labels=("styles",)).check()
-    with pytest.raises(ValueError, match="either a prompt or from_labels"):
+    with pytest.raises(ValueError, match="give one of a prompt, from_labels"):
         DreamParams().check()
 
 

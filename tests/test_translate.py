@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import Engine, EngineConfig
-from engine.dream.translate import TranslateParams, translate
+from engine import Engine, EngineConfig, Panorama
+from engine.dream.translate import TranslateParams, translate, translate_inputs
 from engine.models.caption import Captioner
 from engine.models.diffusion import Dreamer
 from engine.models.tiny import make_tiny_clip
 from engine.models.tiny_caption import make_tiny_caption
 from engine.models.tiny_sd import make_tiny_sd
+from kernels import ViewSpec, reproject
 
 from .conftest import PANORAMAS
 from .test_cli import mimetic
@@ -82,6 +83,28 @@ def test_translation_is_deterministic_and_img2img_starts_from_the_previous_image
 def test_bad_parameters_are_refused_before_any_work(trio, photos, params, message):
     with pytest.raises(ValueError, match=message):
         translate(*trio, photos, params)
+
+
+def test_round_one_is_a_panoramas_view_from_the_engine_or_a_plain_image_whole(trio, photos, tmp_path):
+    engine, dreamer, _ = trio
+    Image.fromarray(photos[0][1]).save(tmp_path / "photo.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    items = [Panorama(id=name, data=path) for name, path in
+             [("pano", PANORAMAS / "louvre.jpg"), ("photo", tmp_path / "photo.png"), ("broken", tmp_path / "broken.jpg")]]
+    images, failed = translate_inputs(engine, items, yaw=90.0, size=dreamer.size)
+    assert [image_id for image_id, _ in images] == ["pano", "photo"]
+    assert [row["id"] for row in failed] == ["broken"] and "broken" in failed[0]["error"]
+    # The panorama's view at yaw 90, at the model's size: the kernel's cut of the full-size panorama, up to the
+    # reduced (DCT-scaled) decoding the Engine's input stage does.
+    full = torch.from_numpy(np.asarray(Image.open(PANORAMAS / "louvre.jpg").convert("RGB")))
+    spec = ViewSpec(90.0, 0.0, 0.0, 90.0, dreamer.size, dreamer.size)
+    expected = reproject([full], [spec], out_dtype=torch.uint8, layout="NHWC")[0, 0].numpy()
+    assert images[0][1].shape == expected.shape
+    assert np.abs(images[0][1].astype(int) - expected).mean() < 3
+    assert np.array_equal(images[1][1], photos[0][1])  # a plain image, whole
+    # --plain reads even a 2:1 panorama whole.
+    [(_, whole)], _ = translate_inputs(engine, items[:1], yaw=0.0, size=dreamer.size, plain=True)
+    assert whole.shape[1] == 2 * whole.shape[0] > dreamer.size
 
 
 def test_mimetic_translate_writes_every_file_and_keeps_going(models, tmp_path):

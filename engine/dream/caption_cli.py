@@ -18,9 +18,31 @@ COMMANDS = ("caption", "translate")
 DEFAULT_FLAVOURS = ("mediums", "movements", "styles")
 
 
-def add_parsers(commands) -> None:
-    from engine.cli import add_engine_arguments, positive_int
+def add_captioner_arguments(parser, *, flavours: bool = True) -> None:
+    """--caption-model, --caption-beams, --caption-max-tokens and (``flavours``) --flavours: the captioner's
+    flags wherever one runs (caption, translate, dream --prompt-from caption)."""
+    from engine.cli import positive_int
     from engine.config import DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS  # not models.caption: torch
+
+    group = parser.add_argument_group("captioner")
+    group.add_argument("--caption-model", default=None, metavar="DIR", help="a local transformers captioner folder (BLIP, or any AutoModelForImageTextToText)")
+    if flavours:
+        group.add_argument("--flavours", default=",".join(DEFAULT_FLAVOURS), metavar="VOCABS",
+                           help=f"comma-separated vocabularies whose top labels follow the caption (default {','.join(DEFAULT_FLAVOURS)})")
+    group.add_argument("--caption-beams", type=positive_int, default=DEFAULT_CAPTION_BEAMS, help=f"beam search width, 1 for greedy (default {DEFAULT_CAPTION_BEAMS})")
+    group.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_CAPTION_MAX_TOKENS, help=f"longest caption in tokens (default {DEFAULT_CAPTION_MAX_TOKENS})")
+
+
+def flavours_of(args) -> tuple[str, ...]:
+    """--flavours as a tuple of names; none at all is a user's mistake."""
+    flavours = tuple(part.strip() for part in args.flavours.split(",") if part.strip())
+    if not flavours:
+        raise ValueError("--flavours names no vocabulary")
+    return flavours
+
+
+def add_parsers(commands) -> None:
+    from engine.cli import add_engine_arguments
 
     caption = commands.add_parser(
         "caption",
@@ -35,11 +57,7 @@ def add_parsers(commands) -> None:
     )
     caption.add_argument("images", nargs="+", metavar="IMAGE", help="equirectangular panoramas (or plain images with --plain)")
     caption.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.csv or FILE.parquet")
-    caption.add_argument("--caption-model", default=None, metavar="DIR", help="a local transformers captioner folder (BLIP, or any AutoModelForImageTextToText)")
-    caption.add_argument("--flavours", default=",".join(DEFAULT_FLAVOURS), metavar="VOCABS",
-                         help=f"comma-separated vocabularies whose top labels follow the caption (default {','.join(DEFAULT_FLAVOURS)})")
-    caption.add_argument("--caption-beams", type=positive_int, default=DEFAULT_CAPTION_BEAMS, help=f"beam search width, 1 for greedy (default {DEFAULT_CAPTION_BEAMS})")
-    caption.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_CAPTION_MAX_TOKENS, help=f"longest caption in tokens (default {DEFAULT_CAPTION_MAX_TOKENS})")
+    add_captioner_arguments(caption)
     plain = caption.add_mutually_exclusive_group()
     plain.add_argument("--plain", action="store_true", help="every input is a plain image: caption it whole")
     plain.add_argument("--plain-if-not-2to1", action="store_true", help="caption an image whole when it is not 2:1")
@@ -69,9 +87,7 @@ def add_parsers(commands) -> None:
     translate.add_argument("--plain", action="store_true", help="read every input as a plain image, even a 2:1 one")
     translate.add_argument("--out", required=True, type=Path, metavar="DIR")
     translate.add_argument("--sd-model", default=None, metavar="DIR", help="a local diffusers folder")
-    translate.add_argument("--caption-model", default=None, metavar="DIR", help="a local transformers captioner folder")
-    translate.add_argument("--caption-beams", type=positive_int, default=DEFAULT_CAPTION_BEAMS)
-    translate.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_CAPTION_MAX_TOKENS)
+    add_captioner_arguments(translate, flavours=False)
     translate.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_engine_arguments(translate, exclude=("seed", "vocabularies"))
 
@@ -100,9 +116,7 @@ def _caption(args: argparse.Namespace) -> int:
     from engine.pipeline import Engine, Panorama
     from engine.vocab import load_vocabulary
 
-    flavours = tuple(part.strip() for part in args.flavours.split(",") if part.strip())
-    if not flavours:
-        raise ValueError("--flavours names no vocabulary")
+    flavours = flavours_of(args)
     names = tuple(load_vocabulary(name).name for name in flavours)  # an unknown one fails here, before any model
     if args.out.suffix.lower() not in (".csv", ".parquet"):
         raise ValueError(f"--out {args.out}: the captions file must end in .csv or .parquet")
@@ -127,14 +141,12 @@ def _caption(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     import time
 
-    import torch
     from tqdm import tqdm
 
     from engine.cli import config_from_args
-    from engine.decode import DecodeError, decode_image
     from engine.dream.cli import _dreamer
-    from engine.dream.translate import TranslateParams, save_translate, translate
-    from kernels import ViewSpec, reproject
+    from engine.dream.translate import TranslateParams, save_translate, translate, translate_inputs
+    from engine.pipeline import Engine, Panorama
 
     params = TranslateParams(rounds=args.rounds, mode=args.mode, strength=args.strength, steps=args.steps,
                              guidance=args.guidance, seed=args.seed)
@@ -144,22 +156,12 @@ def _translate(args: argparse.Namespace) -> int:
     make_captioner = _captioner(args, config.device)
     args.size = None
     dreamer = _dreamer(args, config)
-    from engine.pipeline import Engine
-
     engine, captioner = Engine(config), make_captioner()
-    images, sources, failed = [], [], []
-    for path in args.images:
-        try:
-            image = decode_image(path, name=str(path), max_pixels=config.max_pixels)
-        except DecodeError as exc:
-            failed.append({"id": str(path), "source": str(path), "error": str(exc)})
-            print(exc, file=sys.stderr)
-            continue
-        if not args.plain and image.shape[1] == 2 * image.shape[0]:  # a panorama: its --view, at the model's size
-            view = ViewSpec(args.view, 0.0, 0.0, 90.0, dreamer.size, dreamer.size)
-            image = reproject([torch.from_numpy(image)], [view], out_dtype=torch.uint8, layout="NHWC")[0, 0].numpy()
-        images.append((str(path), image))
-        sources.append(str(path))
+    items = [Panorama(id=str(path), data=path) for path in args.images]
+    images, failed = translate_inputs(engine, items, yaw=args.view, size=dreamer.size, plain=args.plain)
+    for row in failed:
+        print(row["error"], file=sys.stderr)
+    sources = [image_id for image_id, _ in images]
     started = time.perf_counter()
     with tqdm(total=len(images) * params.rounds, unit="round", desc="translate", file=sys.stderr, disable=args.quiet,
               dynamic_ncols=True) as bar:

@@ -1,6 +1,6 @@
 """The ``mimetic dream``, ``walk`` and ``loop`` commands: thin shells over ``engine.dream``.
 
-    mimetic dream PANO [PANO ...] (--prompt TEXT | --from-labels styles,periods [--template T]) --out DIR
+    mimetic dream PANO [PANO ...] (--prompt TEXT | --from-labels styles,periods [--template T] | --prompt-from caption) --out DIR
     mimetic walk --keyframes walk.yaml --out walk.mp4
     mimetic loop IMAGE [IMAGE ...] --iterations 100 --strength 0.3 --out DIR
 
@@ -26,7 +26,8 @@ def add_parsers(commands) -> None:
     Every default is read from the parameters' dataclasses (``engine.dream.params``), which hold them once.
     """
     from engine.cli import add_engine_arguments
-    from engine.dream.params import DreamParams, LoopParams, WalkParams
+    from engine.dream.caption_cli import add_captioner_arguments
+    from engine.dream.params import PROMPT_SOURCES, DreamParams, LoopParams, WalkParams
 
     dreams, walks, loops = DreamParams(), WalkParams(), LoopParams()
 
@@ -34,8 +35,10 @@ def add_parsers(commands) -> None:
         "dream",
         help="img2img of every view of each panorama with Stable Diffusion, with CLIP mimesis scores",
         description=(
-            "Cut each panorama's views (--views) at the model's size, dream each with img2img from one --prompt or from "
-            "CLIP's top label in each --from-labels vocabulary (through --template), and score each dream with CLIP. "
+            "Cut each panorama's views (--views) at the model's size, dream each with img2img from one --prompt, from "
+            "CLIP's top label in each --from-labels vocabulary (through --template), or from each view's interrogator prompt "
+            "(--prompt-from caption: its caption, then CLIP's top label in each --flavours vocabulary), and score each dream "
+            "with CLIP. "
             "Writes DIR/<stem>_<index>_y<yaw>_p<pitch>_view.png and _dream.png (and _stepNNN.png with --trajectory-every) "
             "and DIR/dreams.json, the record of every parameter, seed, prompt and score."
         ),
@@ -44,6 +47,7 @@ def add_parsers(commands) -> None:
     source = dream.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt for every view")
     source.add_argument("--from-labels", metavar="VOCABS", help="comma-separated vocabularies (names or files) whose top labels make each view's prompt; KEY=VOCABULARY names its placeholder")
+    source.add_argument("--prompt-from", choices=PROMPT_SOURCES, help="caption: each view's interrogator prompt (needs --caption-model)")
     dream.add_argument("--template", help='prompt template over the vocabularies, e.g. "a photograph of {styles}, {periods}" (the default), or with --from-labels style=styles,place=urban,period=periods "a photograph of a {style} {place}, {period}"')
     dream.add_argument("--strength", type=float, default=dreams.strength, help=f"img2img strength in (0, 1] (default {dreams.strength:g})")
     dream.add_argument("--steps", type=int, default=dreams.steps,
@@ -53,6 +57,7 @@ def add_parsers(commands) -> None:
     dream.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     add_engine_arguments(dream, exclude=("seed",))  # one --seed: the generators' and the random weights'
     _add_model_arguments(dream, dreams.batch_size)
+    add_captioner_arguments(dream)
 
     walk = commands.add_parser(
         "walk",
@@ -157,6 +162,7 @@ def _dream(args) -> int:
     from tqdm import tqdm
 
     from engine.cli import config_from_args
+    from engine.dream.caption_cli import _captioner, flavours_of
     from engine.dream.dream import dream_iter, save_dreams
     from engine.dream.params import DreamParams
     from engine.pipeline import Engine, Panorama
@@ -166,23 +172,27 @@ def _dream(args) -> int:
         prompt=args.prompt, from_labels=labels, template=args.template, negative_prompt=args.negative_prompt,
         strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
         trajectory_every=args.trajectory_every, batch_size=args.sd_batch_size,
+        prompt_from=args.prompt_from, flavours=flavours_of(args) if args.prompt_from else (),
     )
     params.check()  # before any model loads
     config = config_from_args(args)
+    make_captioner = _captioner(args, config.device) if params.prompt_from else None  # its flags checked here too
     dreamer = _dreamer(args, config)
     engine = Engine(config)
+    captioner = make_captioner() if make_captioner else None
     start = time.perf_counter()
     results = []
     with _progress(args, len(args.panos) * len(engine.views), "view") as bar:
         panoramas = [Panorama(id=path, data=path) for path in args.panos]
-        for result in dream_iter(engine, dreamer, panoramas, params, progress=bar.update):
+        for result in dream_iter(engine, dreamer, panoramas, params, progress=bar.update, captioner=captioner):
             if result.error:
                 tqdm.write(result.error, file=sys.stderr)  # the error names its panorama
             else:
                 mean = sum(d.scores["view_dream"] for d in result.dreams) / len(result.dreams)
                 tqdm.write(f"{result.id}: {len(result.dreams)} dreams, mean view<->dream cosine {mean:.3f}; first prompt: {result.dreams[0].prompt!r}")
             results.append(result)
-    record = save_dreams(results, args.out, engine=engine, dreamer=dreamer, params=params, seconds=time.perf_counter() - start)
+    record = save_dreams(results, args.out, engine=engine, dreamer=dreamer, params=params, seconds=time.perf_counter() - start,
+                         captioner=captioner)
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)} of {len(results)} panoramas dreamt -> {record}")
     return 1 if failed else 0

@@ -23,7 +23,9 @@ from engine.dream.core import (
     to_uint8,
     write_record,
 )
-from engine.dream.params import DreamParams, label_vocabularies, prompt_from_labels
+from engine.dream.interrogate import interrogator_prompt
+from engine.dream.params import DreamParams, flavour_vocabularies, label_vocabularies, prompt_from_labels
+from engine.models.caption import Captioner
 from engine.models.diffusion import Dreamer
 from engine.pipeline import Engine, Panorama
 from engine.results import file_stems
@@ -55,7 +57,8 @@ class Dream:
     source: np.ndarray  # the view as the model saw it, (S, S, 3) uint8
     image: np.ndarray  # the dream, (S, S, 3) uint8
     scores: dict[str, float]  # view_dream, dream_prompt, view_prompt (CLIP cosines)
-    labels: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # top-k per placeholder (from_labels)
+    labels: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # top-k per placeholder or flavour
+    caption: str | None = None  # the captioner's reading of the view (prompt_from="caption")
     nsfw: bool | None = None  # the folder's safety checker's flag, when it has one
     trajectory: Trajectory | None = None
 
@@ -75,43 +78,51 @@ class DreamResult:
 
 
 def dream(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams,
-          progress: Progress | None = None) -> list[DreamResult]:
+          progress: Progress | None = None, *, captioner: Captioner | None = None) -> list[DreamResult]:
     """Dream every view of every panorama; results in input order, a failed panorama in place with ``error``.
 
     ``progress``, if given, is called with the number of views done, in fractions as denoising steps
     finish (a failed panorama counts its views at once): its calls add up to panoramas x views.
+    ``captioner`` reads each view for ``params.prompt_from == "caption"``.
     """
-    return list(dream_iter(engine, dreamer, panoramas, params, progress))
+    return list(dream_iter(engine, dreamer, panoramas, params, progress, captioner=captioner))
 
 
 def dream_iter(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], params: DreamParams,
-               progress: Progress | None = None) -> Iterator[DreamResult]:
+               progress: Progress | None = None, *, captioner: Captioner | None = None) -> Iterator[DreamResult]:
     """Like ``dream``, yielding each panorama's result as soon as its group is done. Parameters are
     checked here, at the call, not at the first result."""
     vocabularies = params.check()
+    if params.prompt_from == "caption":
+        if captioner is None:
+            raise ValueError("prompt_from='caption' needs a captioner (--caption-model DIR)")
+        vocabularies = flavour_vocabularies(params.flavours)  # read like placeholders, keyed by name
+    else:
+        captioner = None  # no caption is read unless the prompt is made from it
     for vocabulary in vocabularies.values():
         if engine.vocabularies.get(vocabulary.name) != vocabulary:
             engine.add_vocabulary(vocabulary)
-    template = params.resolved_template(vocabularies)
-    return _dream_groups(engine, dreamer, iter(panoramas), params, vocabularies, template, progress or _no_progress)
+    template = params.resolved_template(vocabularies) if params.from_labels else None
+    return _dream_groups(engine, dreamer, captioner, iter(panoramas), params, vocabularies, template, progress or _no_progress)
 
 
-def _dream_groups(engine, dreamer, panoramas, params, vocabularies, template, progress) -> Iterator[DreamResult]:
+def _dream_groups(engine, dreamer, captioner, panoramas, params, vocabularies, template, progress) -> Iterator[DreamResult]:
     views = dreamer.views(engine.views)
     # A group is as many panoramas as fill one diffusion batch with their views (at least one).
     group_size = max(1, params.batch_size // len(views))
-    min_width = required_width(views)
+    # Decoded once, at the width the densest of the SD and the captioner's views needs.
+    min_width = max(required_width(views), required_width(captioner.views(engine.views)) if captioner else 0)
     group: list[Panorama] = []
     for item in panoramas:
         group.append(item)
         if len(group) == group_size:
-            yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
+            yield from _dream_group(engine, dreamer, captioner, group, params, vocabularies, template, min_width, progress)
             group = []
     if group:
-        yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
+        yield from _dream_group(engine, dreamer, captioner, group, params, vocabularies, template, min_width, progress)
 
 
-def _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress) -> list[DreamResult]:
+def _dream_group(engine, dreamer, captioner, group, params, vocabularies, template, min_width, progress) -> list[DreamResult]:
     # Decode each panorama once, for CLIP and SD alike, through the Engine's input stage (into host arrays,
     # at the width the SD views need); a failure stays with its item (by position).
     decoded, failed = [], {}
@@ -121,8 +132,8 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
         except (DecodeError, ValueError, TypeError) as exc:
             failed[k] = error_message(item, exc)
 
-    # Prompts: one for every view, or each view's top label per vocabulary, read by the engine from its own
-    # views (the prepared panoramas are checked no more).
+    # Prompts: one for every view, or each view's top label per vocabulary (or flavour), read by the engine
+    # from its own views (the prepared panoramas are checked no more), after the view's caption.
     readings = {}
     if vocabularies and decoded:
         seen = engine.embed([prepared for _, _, prepared in decoded])
@@ -138,12 +149,23 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
     if not decoded:
         return [_failed(item, failed[k]) for k, item in enumerate(group)]
 
+    captions = [None] * (len(decoded) * count)
+    if captioner is not None:  # every view of the group in the captioner's batches, cut from the same pixels
+        cut = captioner.render([p.pixels for _, _, p in decoded], engine.views, [p.yaw_offset for _, _, p in decoded],
+                               antialias=engine.config.antialias)
+        captions = captioner.caption(cut.reshape(-1, *cut.shape[2:]))
     labels, prompts = [], []
     for k, _, _ in decoded:
         for n in range(count):
             top = {name: per_view[n] for name, per_view in readings.get(k, {}).items()}
             labels.append(top)
-            prompts.append(params.prompt if template is None else prompt_from_labels(template, {v: top[v][0][0] for v in top}))
+            if captioner is not None:
+                caption = captions[len(prompts)]
+                prompts.append(interrogator_prompt(caption, {name: top[name][0] for name in vocabularies}, list(vocabularies)))
+            elif template is not None:
+                prompts.append(prompt_from_labels(template, {v: top[v][0][0] for v in top}))
+            else:
+                prompts.append(params.prompt)
     seeds = [params.seed] * len(prompts)
 
     # The same views the engine cuts, at the model's size, [-1, 1]; img2img across panoramas, batch by batch.
@@ -183,7 +205,7 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
                 Dream(
                     index=n, view=specs[n], prompt=prompts[j], seed=seeds[j], source=to_uint8(sources[j]),
                     image=to_uint8(images[j]), scores={name: float(values[j]) for name, values in scores.items()},
-                    labels=labels[j], nsfw=nsfw[j], trajectory=trajectories[j] if trajectories else None,
+                    labels=labels[j], caption=captions[j], nsfw=nsfw[j], trajectory=trajectories[j] if trajectories else None,
                 )
             )
         done[k] = DreamResult(id=item.id, dreams=dreams, meta=dict(item.meta))
@@ -225,13 +247,17 @@ def _meta(item) -> dict:
 
 
 def save_dreams(results: Sequence[DreamResult], out_dir: str | os.PathLike, *, engine: Engine, dreamer: Dreamer,
-                params: DreamParams, seconds: float = 0.0) -> Path:
+                params: DreamParams, seconds: float = 0.0, captioner: Captioner | None = None) -> Path:
     """Write each view and dream as PNGs (and trajectory frames), and ``out_dir/dreams.json``; return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocabularies = label_vocabularies(params.from_labels)
     record = _header("dream", dreamer, engine, params, seconds)
     record["template"] = params.resolved_template(vocabularies)
+    if params.prompt_from == "caption" and captioner is not None:
+        record["captioner"] = captioner.info()
+        record["flavours"] = {v.name: {"template": v.template, "labels_sha256": v.labels_hash}
+                              for v in flavour_vocabularies(params.flavours).values()}
     record["placeholders"] = {key: {"vocabulary": v.name, "template": v.template, "labels_sha256": v.labels_hash}
                               for key, v in vocabularies.items()}
     record["panoramas"] = []
@@ -241,7 +267,7 @@ def save_dreams(results: Sequence[DreamResult], out_dir: str | os.PathLike, *, e
         for d in result.dreams:
             name = f"{stem}_{d.index}_y{d.view.yaw:g}_p{d.view.pitch:g}"
             files = {"view": _save_png(d.source, out / f"{name}_view.png"), "dream": _save_png(d.image, out / f"{name}_dream.png")}
-            row = {"view": d.index, **asdict(d.view), "prompt": d.prompt, "seed": d.seed, "labels": d.labels,
+            row = {"view": d.index, **asdict(d.view), "prompt": d.prompt, "caption": d.caption, "seed": d.seed, "labels": d.labels,
                    "scores": d.scores, "nsfw": d.nsfw, "files": files}
             if d.trajectory is not None:
                 frames = [_save_png(f, out / f"{name}_step{s:03d}.png") for s, f in zip(d.trajectory.steps, d.trajectory.frames, strict=True)]

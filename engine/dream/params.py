@@ -15,16 +15,23 @@ from engine.vocab import Vocabulary, load_vocabulary
 # ---------------------------------------------------------------------------------------------------
 # Parameters: checked before any model is loaded, recorded with every result.
 
+PROMPT_SOURCES = ("caption",)  # DreamParams.prompt_from
+
 
 @dataclass
 class DreamParams:
-    """What ``dream`` does. One of ``prompt`` and ``from_labels``; ``template`` goes with ``from_labels``."""
+    """What ``dream`` does. One of ``prompt``, ``from_labels`` and ``prompt_from``; ``template`` goes with
+    ``from_labels``, ``flavours`` with ``prompt_from``."""
 
     prompt: str | None = None
     # Vocabularies (bundled names or files) whose top label per view fills the template; "key=vocabulary"
     # names the placeholder ("style=styles" for "{style}"), otherwise it is the vocabulary's name.
     from_labels: tuple[str, ...] = ()
     template: str | None = None  # default: "a photograph of {key1}, {key2}, ..."
+    # "caption": each view's interrogator prompt (its caption, then the top label of each flavour
+    # vocabulary, in order: engine.dream.interrogate) is its dream prompt. Needs a captioner.
+    prompt_from: str | None = None
+    flavours: tuple[str, ...] = ()
     negative_prompt: str = ""
     strength: float = 0.5  # fraction of the schedule re-noised: 0+ keeps the view, 1 ignores it
     steps: int = 30
@@ -37,8 +44,14 @@ class DreamParams:
         """Raise ``ValueError`` on a bad parameter; return {placeholder: vocabulary} for ``from_labels``."""
         from engine.models.diffusion import check_guidance, check_steps, check_strength, img2img_steps
 
-        if (self.prompt is None) == (not self.from_labels):
-            raise ValueError("give either a prompt or from_labels (vocabularies whose top labels make the prompt), not both or neither")
+        if sum((self.prompt is not None, bool(self.from_labels), self.prompt_from is not None)) != 1:
+            raise ValueError("give one of a prompt, from_labels (vocabularies whose top labels make the prompt) and "
+                             "prompt_from='caption' (each view's caption and flavours), not several or none")
+        if self.prompt_from is not None and self.prompt_from not in PROMPT_SOURCES:
+            raise ValueError(f"prompt_from (--prompt-from) must be one of {', '.join(PROMPT_SOURCES)}, got {self.prompt_from!r}")
+        if self.flavours and self.prompt_from is None:
+            raise ValueError("flavours follow a caption: they need prompt_from='caption' (--prompt-from caption)")
+        flavour_vocabularies(self.flavours)  # an unknown one: ValueError naming it, before any model loads
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.template is not None and not self.from_labels:
@@ -161,6 +174,17 @@ def label_vocabularies(from_labels: Sequence[str]) -> dict[str, Vocabulary]:
         if key in found:
             raise ValueError(f"{entry!r}: the placeholder {{{key}}} is given twice in from_labels")
         found[key] = vocabulary
+    return found
+
+
+def flavour_vocabularies(flavours: Sequence[str]) -> dict[str, Vocabulary]:
+    """{name: vocabulary} for the interrogator's flavours, in order; an unknown or repeated one is a ValueError."""
+    found: dict[str, Vocabulary] = {}
+    for entry in flavours:
+        vocabulary = load_vocabulary(entry.strip())
+        if vocabulary.name in found:
+            raise ValueError(f"flavour vocabulary {vocabulary.name!r} is given twice")
+        found[vocabulary.name] = vocabulary
     return found
 
 

@@ -16,12 +16,13 @@ without sampling, and per-item generators.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from engine.decode import DecodeError, decode_image, required_width
 from engine.dream.core import (
     _header,
     _save_png,
@@ -37,8 +38,10 @@ from engine.dream.loop import fit_square
 from engine.dream.params import TranslateParams
 from engine.models.caption import Captioner
 from engine.models.diffusion import Dreamer
-from engine.pipeline import Engine
+from engine.pipeline import Engine, Panorama
 from engine.results import file_stems, write_csv
+from engine.types import NotEquirectangularError
+from kernels import ViewSpec
 
 DRIFT_COLUMNS = ("round", "seed", "text", "image", "image_drift", "text_drift")
 
@@ -57,6 +60,31 @@ class Round:
 class Translation:
     id: str
     rounds: list[Round] = field(default_factory=list)
+
+
+def translate_inputs(engine: Engine, items: Iterable[Panorama], *, yaw: float, size: int, plain: bool = False
+                     ) -> tuple[list[tuple[str, np.ndarray]], list[dict]]:
+    """Round 1's image of each input: a 2:1 panorama's 90-degree view at ``yaw``, ``size`` square, cut by the
+    Engine from its one input stage; any other image (or every one, with ``plain``) whole, as it is.
+
+    Returns the (id, uint8 image) pairs and a failure row ({id, source, error}) per input that could not be read.
+    """
+    view = ViewSpec(yaw, 0.0, 0.0, 90.0, size, size)
+    images, failed = [], []
+    for item in items:
+        try:
+            if plain:
+                raise NotEquirectangularError(item.id, "read as a plain image")
+            prepared = engine.decode(engine.prepare(item, min_width=required_width([view]), host=True))
+            images.append((item.id, engine.view_images(prepared, [view])[0]))
+        except NotEquirectangularError:
+            try:
+                images.append((item.id, decode_image(item.data, name=item.id, max_pixels=engine.config.max_pixels)))
+            except DecodeError as exc:
+                failed.append({"id": item.id, "source": item.id, "error": str(exc)})
+        except DecodeError as exc:  # it names its item
+            failed.append({"id": item.id, "source": item.id, "error": str(exc)})
+    return images, failed
 
 
 def translate(engine: Engine, dreamer: Dreamer, captioner: Captioner, images: Sequence[tuple[str, np.ndarray]],

@@ -2,7 +2,7 @@
 
     mimetic ingest DUMP --out RUN [--metadata FILE ...] [--shard-size N] [--north-up] [--quiet]
                    [--verify] [--hash-inputs] [--engine local|ray] [--address ADDR] [--actors N]
-                   [--verbose] [engine flags]
+                   [--captions --caption-model DIR [--flavours V,...]] [--verbose] [engine flags]
     mimetic query RUN|RESULTS.parquet "a baroque church" [--top 20] [--views] [--out PREFIX] [--device auto]
 """
 
@@ -19,6 +19,7 @@ from engine.config import DEFAULT_SHARD_SIZE
 def add_parsers(commands) -> None:
     """Add ``ingest`` and ``query`` to the ``mimetic`` command's subparsers."""
     from engine.cli import add_engine_arguments
+    from engine.dream.caption_cli import add_captioner_arguments
 
     ingest = commands.add_parser(
         "ingest",
@@ -57,6 +58,10 @@ def add_parsers(commands) -> None:
                         help="Ray actors, each with its own Engine (default: one per GPU, or one per 4 CPUs)")
     ingest.add_argument("--verbose", action="store_true",
                         help="with --engine ray: all of Ray's own log lines (by default only its warnings and errors)")
+    ingest.add_argument("--captions", action="store_true",
+                        help="also caption every view (--caption-model) and make its interrogator prompt: the caption, then "
+                             "CLIP's top label in each --flavours vocabulary; adds caption and prompt to the views table")
+    add_captioner_arguments(ingest)
     add_engine_arguments(ingest)
 
     query = commands.add_parser(
@@ -95,7 +100,7 @@ def _ingest(args: argparse.Namespace) -> int:
     give_freed_images_back_to_the_os()  # peak memory follows the decode budget, not the decode threads
 
     options = {"metadata": args.metadata, "shard_size": args.shard_size, "north_up": args.north_up, "quiet": args.quiet,
-               "verify": args.verify, "hash_inputs": args.hash_inputs}
+               "verify": args.verify, "hash_inputs": args.hash_inputs, "captions": _captions(args)}
     try:
         config = config_from_args(args)
         if args.runner == "ray":
@@ -124,6 +129,28 @@ def _ingest(args: argparse.Namespace) -> int:
     if summary["quarantined"]:
         print(f"quarantined inputs and reasons: {args.out}/quarantine/part-*.parquet")
     return 0 if summary["complete"] else 1
+
+
+def _captions(args: argparse.Namespace):
+    """--captions and the captioner's flags -> CaptionSettings (checked before any model loads), or None."""
+    from engine.config import CaptionSettings
+    from engine.dream.caption_cli import flavours_of
+    from engine.models.caption import CaptionModelError, check_folder, check_generation
+    from engine.vocab import load_vocabulary
+
+    if not args.captions:
+        if args.caption_model:
+            raise ValueError("--caption-model is used with --captions")
+        return None
+    if not args.caption_model:
+        raise CaptionModelError("--captions needs --caption-model DIR (a local transformers folder; "
+                                "`mimetic models make-tiny DIR` writes a tiny one to DIR/caption)")
+    check_generation(args.caption_beams, args.caption_max_tokens)
+    check_folder(args.caption_model)
+    flavours = flavours_of(args)
+    for entry in flavours:
+        load_vocabulary(entry)  # an unknown one fails here, before any model loads
+    return CaptionSettings(str(args.caption_model), args.caption_beams, args.caption_max_tokens, flavours)
 
 
 def _query(args: argparse.Namespace) -> int:

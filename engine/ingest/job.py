@@ -17,7 +17,8 @@ The run folder:
                                    (its part files, each with its byte size and sha256)
     RUN/listing.parquet            the inputs as planned (id, source, meta, shard, signature): to explain a changed dump
     RUN/panoramas/part-NNNNNN.parquet   id, source, lat, lon, heading, captured_at, meta, pooled embedding, labels
-    RUN/views/part-NNNNNN.parquet       id, view, yaw, pitch, roll, fov, pano_yaw, bearing, lat, lon, embedding, labels
+    RUN/views/part-NNNNNN.parquet       id, view, yaw, pitch, roll, fov, pano_yaw, bearing, lat, lon, embedding, labels,
+                                        caption and prompt (with --captions; null otherwise)
     RUN/quarantine/part-NNNNNN.parquet  id, source, reason, meta: the inputs that failed (only for shards with failures)
     RUN/summary.json               counts, panoramas/s, views/s, wall time
 
@@ -48,6 +49,7 @@ shard protects nothing, so it starts again when its settings or inputs change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import itertools
 import math
@@ -58,7 +60,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from engine.config import DEFAULT_SHARD_SIZE, EngineConfig
+from engine.config import DEFAULT_SHARD_SIZE, CaptionSettings, EngineConfig
 from engine.ingest.inputs import HEADING_COLUMNS, InputItem, Listing, canonical_fields, list_inputs
 from engine.ingest.run import SUMMARY, RunFolder, _now, config_fingerprint, write_json_atomic
 from engine.ingest.tables import shard_tables, yaw_offset
@@ -79,8 +81,9 @@ def _prepare(item: InputItem, north_up: bool):
     return Panorama(id=item.id, data=data, yaw_offset=yaw_offset(item, north_up)), None
 
 
-def embed_in_order(engine, items: Iterable[InputItem], north_up: bool) -> Iterator[tuple[InputItem, object]]:
-    """(item, EmbedResult) for every item, in order, through one continuous ``Engine.embed_iter``.
+def embed_in_order(engine, items: Iterable[InputItem], north_up: bool, captioner=None) -> Iterator[tuple[InputItem, object]]:
+    """(item, EmbedResult) for every item, in order, through one continuous ``Engine.embed_iter`` (which
+    also captions every view with ``captioner``).
 
     Items that fail before the Engine (no heading with --north-up, unreadable tar) get an error result
     in place. The Engine runs ahead of this generator, so an item's early failure may be recorded only
@@ -99,7 +102,7 @@ def embed_in_order(engine, items: Iterable[InputItem], north_up: bool) -> Iterat
             else:
                 early[index] = error
 
-    results = engine.embed_iter(feed())
+    results = engine.embed_iter(feed(), captioner=captioner)
     try:
         waiting = None
         for index, item in enumerate(items):
@@ -122,9 +125,10 @@ def embed_in_order(engine, items: Iterable[InputItem], north_up: bool) -> Iterat
         results.close()
 
 
-def build_shard(run: RunFolder, shard: int, outcomes: list, *, north_up: bool, context: dict, seconds: float) -> dict:
+def build_shard(run: RunFolder, shard: int, outcomes: list, *, north_up: bool, context: dict, seconds: float,
+                flavours: Sequence[str] = ()) -> dict:
     """Write shard ``shard``'s parts (steps 1 and 2) and return its manifest entry (for step 3)."""
-    tables = shard_tables(shard, outcomes, north_up, context)
+    tables = shard_tables(shard, outcomes, north_up, context, flavours)
     parts = run.write_parts(shard, tables)
     items = [item for item, _ in outcomes]
     return {
@@ -233,24 +237,52 @@ def write_summary(run: RunFolder, *, engine: str, started: float, progress: Prog
 # -- the local job ----------------------------------------------------------------------------------
 
 
+def flavour_names(captions: CaptionSettings | None) -> tuple[str, ...]:
+    """The flavour vocabularies' names (what the Engine's readings are keyed by), in order."""
+    from engine.vocab import load_vocabulary
+
+    return tuple(load_vocabulary(entry).name for entry in captions.flavours) if captions else ()
+
+
+def with_flavours(config: EngineConfig, captions: CaptionSettings | None) -> EngineConfig:
+    """The config with the captions' flavour vocabularies among its own, so the Engine reads them."""
+    from engine.vocab import load_vocabulary
+
+    if captions is None:
+        return config
+    have = {load_vocabulary(entry).name for entry in config.vocabularies}
+    missing = tuple(entry for entry, name in zip(captions.flavours, flavour_names(captions), strict=True) if name not in have)
+    return dataclasses.replace(config, vocabularies=(*config.vocabularies, *missing)) if missing else config
+
+
+def load_captioner(captions: CaptionSettings | None, device: str):
+    from engine.models.caption import Captioner
+
+    if captions is None:
+        return None
+    return Captioner(captions.model, device=device, beams=captions.beams, max_tokens=captions.max_tokens)
+
+
 def prepare(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
-            north_up: bool = False) -> tuple[RunFolder, Listing, dict]:
+            north_up: bool = False, captions: CaptionSettings | None = None) -> tuple[RunFolder, Listing, dict]:
     """The run folder (not yet opened), the inputs and the settings' fingerprint: what the local job and
     the Ray job both do first."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     listing = list_inputs(dump, metadata)
-    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size)
+    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size, captions=captions)
     run = RunFolder(out)
     return run, listing, fingerprint
 
 
 def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metadata: Sequence = (),
            shard_size: int = DEFAULT_SHARD_SIZE, north_up: bool = False, quiet: bool = False,
-           verify: bool = False, hash_inputs: bool = False) -> dict:
+           verify: bool = False, hash_inputs: bool = False, captions: CaptionSettings | None = None) -> dict:
     """Embed every input of ``dump`` into the run folder ``out``, resuming it if it exists; returns the summary.
 
     Pass ``config`` (an Engine is built, after the run folder is checked) or an ``engine`` to reuse.
+    ``captions`` also captions every view, with its interrogator prompt (``caption`` and ``prompt`` in the
+    views table); the flavours join the vocabularies read, and the captioner is part of the fingerprint.
     ``verify`` checks every committed part against its sha256 (sizes are always checked) and redoes
     the shards that differ; ``hash_inputs`` makes a new run compare its inputs by content rather than
     by size and modification time. Raises ``RunMismatchError`` when ``out`` was started with other
@@ -260,8 +292,13 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
     started = time.perf_counter()
     if engine is None and config is None:
         raise ValueError("pass config or engine")
-    config = engine.config if engine is not None else config
-    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up)
+    if engine is not None:
+        for name in flavour_names(captions):
+            if name not in engine.vocabularies:
+                raise ValueError(f"flavour vocabulary {name!r} is not among the engine's vocabularies ({', '.join(engine.vocabularies)})")
+    config = engine.config if engine is not None else with_flavours(config, captions)
+    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
+                                        captions=captions)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)
@@ -272,10 +309,12 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
             # --random-weights draws from config.seed (engine.models.clip), which the fingerprint records:
             # a resumed run, a Ray actor and a query all build this same model.
             engine = Engine(config)
+        captioner = load_captioner(captions, config.device) if pending else None
         progress = Progress(sum(len(shard_items(listing, run, k)) for k in pending), run.shards(), run.shards() - len(pending), quiet=quiet)
         try:
             if pending:
-                _embed_shards(engine, run, listing, pending, north_up=north_up, progress=progress)
+                _embed_shards(engine, run, listing, pending, north_up=north_up, progress=progress, captioner=captioner,
+                              flavours=flavour_names(captions))
         finally:
             progress.close()
         return write_summary(run, engine="local", started=started, progress=progress, listing=listing)
@@ -287,14 +326,15 @@ def shard_items(listing: Listing, run: RunFolder, shard: int) -> list[InputItem]
     return listing.items[shard * size : (shard + 1) * size]
 
 
-def _embed_shards(engine, run: RunFolder, listing: Listing, pending: list[int], *, north_up: bool, progress: Progress) -> None:
+def _embed_shards(engine, run: RunFolder, listing: Listing, pending: list[int], *, north_up: bool, progress: Progress,
+                  captioner=None, flavours: Sequence[str] = ()) -> None:
     """One continuous embed_iter over all pending shards, so the pipeline never drains at a shard's
     end; each finished shard is written and committed by a single writer thread while the model runs on."""
     context = run.table_context()
-    stream = embed_in_order(engine, itertools.chain.from_iterable(shard_items(listing, run, k) for k in pending), north_up)
+    stream = embed_in_order(engine, itertools.chain.from_iterable(shard_items(listing, run, k) for k in pending), north_up, captioner)
 
     def commit(shard: int, outcomes: list, seconds: float) -> None:
-        entry = build_shard(run, shard, outcomes, north_up=north_up, context=context, seconds=seconds)
+        entry = build_shard(run, shard, outcomes, north_up=north_up, context=context, seconds=seconds, flavours=flavours)
         run.commit(entry)
         progress.shard_done(entry)
 

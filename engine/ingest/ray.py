@@ -43,15 +43,18 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import EngineConfig
+from engine.config import CaptionSettings, EngineConfig
 from engine.ingest.inputs import InputItem
 from engine.ingest.job import (
     DEFAULT_SHARD_SIZE,
     Progress,
     build_shard,
     embed_in_order,
+    flavour_names,
+    load_captioner,
     prepare,
     shard_items,
+    with_flavours,
     write_summary,
 )
 from engine.ingest.run import RunFolder
@@ -67,7 +70,8 @@ RAY_NOTICES = (
 class ShardWorker:
     """A Ray Data actor: one Engine, many shards. ``__call__`` takes a batch of shard rows (one, usually)."""
 
-    def __init__(self, config: EngineConfig, out: str, north_up: bool, context: dict, threads: int | None):
+    def __init__(self, config: EngineConfig, out: str, north_up: bool, context: dict, threads: int | None,
+                 captions: CaptionSettings | None = None):
         import torch
 
         from engine.pipeline import Engine
@@ -75,6 +79,8 @@ class ShardWorker:
         if threads:
             torch.set_num_threads(threads)  # the actor's share of the node's CPUs, not all of them
         self.engine = Engine(config)
+        self.captioner = load_captioner(captions, config.device)
+        self.flavours = flavour_names(captions)
         self.run = RunFolder(out)
         self.north_up = north_up
         self.context = context
@@ -84,9 +90,9 @@ class ShardWorker:
         for shard, encoded in zip(batch["shard"], batch["items"], strict=True):
             began = time.perf_counter()
             items = [InputItem(**{**fields, "keys": tuple(fields["keys"])}) for fields in json.loads(encoded)]
-            outcomes = list(embed_in_order(self.engine, items, self.north_up))
+            outcomes = list(embed_in_order(self.engine, items, self.north_up, self.captioner))
             entry = build_shard(self.run, int(shard), outcomes, north_up=self.north_up, context=self.context,
-                                seconds=time.perf_counter() - began)
+                                seconds=time.perf_counter() - began, flavours=self.flavours)
             entries.append(json.dumps(entry))
         return {"shard": np.asarray(batch["shard"]), "entry": np.asarray(entries, dtype=object)}
 
@@ -108,7 +114,8 @@ def plan_actors(config: EngineConfig, resources: dict, actors: int | None) -> tu
 
 def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
                north_up: bool = False, quiet: bool = False, verify: bool = False, hash_inputs: bool = False,
-               address: str | None = None, actors: int | None = None, verbose: bool = False) -> dict:
+               address: str | None = None, actors: int | None = None, verbose: bool = False,
+               captions: CaptionSettings | None = None) -> dict:
     """``engine.ingest.job.ingest`` on Ray Data; connects to ``address`` (or the running Ray, or a new local one).
 
     The Engine settings reach every actor in ``config`` (the decoded-bytes budget, ``max_decode_mib``,
@@ -117,7 +124,9 @@ def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shar
     import ray
 
     started = time.perf_counter()
-    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up)
+    config = with_flavours(config, captions)
+    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
+                                        captions=captions)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)
@@ -141,7 +150,7 @@ def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shar
                     if attempt:
                         print(f"mimetic ingest: {len(rows)} shards failed as a whole ({_shard_list(r['shard'] for r in rows)}); "
                               "trying them once more", file=sys.stderr)
-                    _run_shards(ray, run, rows, config, north_up, actors, progress)
+                    _run_shards(ray, run, rows, config, north_up, actors, progress, captions)
         finally:
             progress.close()
             if owns_ray:
@@ -198,7 +207,7 @@ def _ray_logs(verbose: bool):
 
 
 def _run_shards(ray, run: RunFolder, rows: list[dict], config: EngineConfig, north_up: bool, actors: int | None,
-                progress: Progress) -> None:
+                progress: Progress, captions: CaptionSettings | None = None) -> None:
     from ray.data import ActorPoolStrategy, DataContext
 
     count, cpus, gpus = plan_actors(config, ray.cluster_resources(), actors)
@@ -211,7 +220,7 @@ def _run_shards(ray, run: RunFolder, rows: list[dict], config: EngineConfig, nor
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ShardWorker,
             fn_constructor_kwargs={"config": config, "out": str(run.out), "north_up": north_up,
-                                   "context": run.table_context(), "threads": int(cpus)},
+                                   "context": run.table_context(), "threads": int(cpus), "captions": captions},
             batch_size=1,
             compute=ActorPoolStrategy(size=count),
             num_cpus=cpus,

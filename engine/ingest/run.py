@@ -107,8 +107,9 @@ def write_json_atomic(path: Path, document: dict, *, indent: int | None = 1) -> 
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(document, indent=indent, default=str) + "\n"))
 
 
-def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int) -> dict:
-    """Everything that changes what a shard holds: model and weights, views, vocabularies, code version.
+def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int, captions=None) -> dict:
+    """Everything that changes what a shard holds: model and weights, views, vocabularies, the captioner
+    (``captions``, a CaptionSettings: its folder and files' size, decoding, flavours), code version.
 
     Batch size, device, decode workers, the decoded-bytes budget (``max_decode_mib``) and the engine
     (local or Ray) change how fast, not what, so they may differ between a run and its resumption.
@@ -134,6 +135,11 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int)
         "max_pixels": config.max_pixels,
         "north_up": north_up,
         "shard_size": shard_size,
+        "captions": None if captions is None else {
+            "model": str(Path(captions.model).expanduser().resolve()),
+            "model_bytes": _folder_bytes(Path(captions.model).expanduser()),
+            "beams": captions.beams, "max_tokens": captions.max_tokens, "flavours": list(captions.flavours),
+        },
         "mimetic_version": __version__,
         "code_version": _code_version(),
     }
@@ -144,6 +150,11 @@ def _weights_bytes(config: EngineConfig) -> int | None:
     path = Path(config.clip_model.removeprefix("local-dir:")) if config.clip_model.startswith("local-dir:") else None
     if config.clip_weights and Path(config.clip_weights).expanduser().is_file():
         path = Path(config.clip_weights).expanduser()
+    return _folder_bytes(path)
+
+
+def _folder_bytes(path: Path | None) -> int | None:
+    """A file's size, or the total size of a folder's files: a replaced model shows."""
     if path is None or not path.exists():
         return None
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

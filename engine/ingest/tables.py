@@ -42,6 +42,8 @@ VIEWS_SCHEMA = pa.schema(
         ("lon", pa.float64()),
         _VIEW["embedding"],
         _VIEW["labels"],
+        ("caption", pa.string()),  # with --captions: the captioner's reading of the view; null otherwise
+        ("prompt", pa.string()),  # with --captions: the interrogator prompt, the caption then each flavour's top label
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -63,14 +65,33 @@ def _table(name: str, columns: dict, context: dict) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _captions(done: Sequence[tuple[InputItem, object]], count: int, flavours: Sequence[str]) -> dict[str, list]:
+    from engine.dream.interrogate import interrogator_prompt
+
+    captions, prompts = [], []
+    for _, r in done:
+        if r.captions is None:
+            captions += [None] * count
+            prompts += [None] * count
+            continue
+        for k, caption in enumerate(r.captions):
+            captions.append(caption)
+            prompts.append(interrogator_prompt(caption, {name: r.readings[name]["views"][k][0] for name in flavours}, flavours))
+    return {"caption": captions, "prompt": prompts}
+
+
 def yaw_offset(item: InputItem, north_up: bool) -> float:
     """-heading with --north-up: view yaw v is then cut at v - heading in the panorama, i.e. bearing v."""
     heading = canonical_fields(item.meta)["heading"]
     return -heading if north_up and heading is not None else 0.0
 
 
-def shard_tables(shard: int, outcomes: Sequence[tuple[InputItem, object]], north_up: bool, context: dict) -> dict[str, pa.Table]:
+def shard_tables(shard: int, outcomes: Sequence[tuple[InputItem, object]], north_up: bool, context: dict,
+                 flavours: Sequence[str] = ()) -> dict[str, pa.Table]:
     """One shard's (item, EmbedResult) pairs -> its panoramas, views and quarantine tables.
+
+    Results with captions (``Engine.embed_iter(captioner=...)``) fill ``caption`` and ``prompt``, the
+    caption followed by the top label of each of ``flavours`` (read by the Engine from the same view).
 
     The views table is built column by column with numpy (every panorama has the same view set), so
     writing a shard costs little next to embedding it, even at GPU rates.
@@ -106,6 +127,7 @@ def shard_tables(shard: int, outcomes: Sequence[tuple[InputItem, object]], north
         "embedding": embedding_lists(np.concatenate([r.embeddings.float().numpy() for _, r in done]) if done else np.zeros((0, dim))),
         "labels": label_lists([{name: reading["views"][k] for name, reading in r.readings.items()}
                                 for _, r in done for k in range(count)]),
+        **_captions(done, count, flavours),
     }
     context = {**context, "embedding_dim": dim}
     return {"panoramas": _table("panoramas", pano, context), "views": _table("views", views, context),

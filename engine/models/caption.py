@@ -64,7 +64,7 @@ class Captioner:
         dtype: torch.dtype | None = None,
     ):
         check_generation(beams, max_tokens)
-        self.folder = _check_folder(folder)
+        self.folder = check_folder(folder)
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.beams, self.max_tokens, self.batch_size = beams, max_tokens, batch_size
@@ -153,7 +153,7 @@ def check_generation(beams: int, max_tokens: int) -> None:
         raise ValueError(f"caption length (--caption-max-tokens) must be an integer from 1 to 512, got {max_tokens!r}")
 
 
-def _check_folder(folder: str | Path) -> Path:
+def check_folder(folder: str | Path) -> Path:
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise CaptionModelError(f"caption model not found: {path}. {_HOW}")
