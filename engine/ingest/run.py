@@ -122,7 +122,7 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int,
     for name in config.vocabularies:
         vocabulary = load_vocabulary(name)
         vocabularies[vocabulary.name] = hashlib.sha256(f"{vocabulary.template}\n{vocabulary.labels_hash}".encode()).hexdigest()[:16]
-    return {
+    fingerprint = {
         "clip_model": config.clip_model,
         "clip_weights": config.clip_weights,
         "weights_bytes": _weights_bytes(config),
@@ -135,14 +135,16 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int,
         "max_pixels": config.max_pixels,
         "north_up": north_up,
         "shard_size": shard_size,
-        "captions": None if captions is None else {
-            "model": str(Path(captions.model).expanduser().resolve()),
-            "model_bytes": _folder_bytes(Path(captions.model).expanduser()),
-            "beams": captions.beams, "max_tokens": captions.max_tokens, "flavours": list(captions.flavours),
-        },
         "mimetic_version": __version__,
         "code_version": _code_version(),
     }
+    if captions is not None:  # a key only when the run captions, so runs without captions hash as before
+        fingerprint["captions"] = {
+            "model": str(Path(captions.model).expanduser().resolve()),
+            "model_bytes": _folder_bytes(Path(captions.model).expanduser()),
+            "beams": captions.beams, "max_tokens": captions.max_tokens, "flavours": list(captions.flavours),
+        }
+    return fingerprint
 
 
 def _weights_bytes(config: EngineConfig) -> int | None:
