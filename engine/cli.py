@@ -29,7 +29,7 @@ from engine.views import DEFAULT_SIZE, PRESETS, describe_presets
 
 # Commands that live beside the features they drive, each a module with add_parsers(commands) and
 # run(args) -> exit status, or None when the command is not its own. They import torch lazily.
-COMMAND_MODULES = ("engine.dream.cli", "engine.dream.caption_cli", "engine.serve.cli", "engine.ingest.cli")
+COMMAND_MODULES = ("engine.dream.cli", "engine.dream.caption_cli", "engine.serve.cli", "engine.ingest.cli", "engine.analysis.cli")
 
 TRACEBACK_ENV = "MIMETIC_TRACEBACK"  # =1: a user's error raises with its traceback instead of one line
 USAGE_ERROR = 2  # the exit status of a user's mistake, as argparse uses for a bad flag
