@@ -79,8 +79,9 @@ def _prepare(item: InputItem, north_up: bool):
     return Panorama(id=item.id, data=data, yaw_offset=yaw_offset(item, north_up)), None
 
 
-def embed_in_order(engine, items: Iterable[InputItem], north_up: bool) -> Iterator[tuple[InputItem, object]]:
-    """(item, EmbedResult) for every item, in order, through one continuous ``Engine.embed_iter``.
+def embed_in_order(engine, items: Iterable[InputItem], north_up: bool, thumbnails: int | None = None) -> Iterator[tuple[InputItem, object]]:
+    """(item, EmbedResult) for every item, in order, through one continuous ``Engine.embed_iter``
+    (with a JPEG thumbnail per view, ``thumbnails`` pixels wide, when asked for).
 
     Items that fail before the Engine (no heading with --north-up, unreadable tar) get an error result
     in place. The Engine runs ahead of this generator, so an item's early failure may be recorded only
@@ -99,7 +100,7 @@ def embed_in_order(engine, items: Iterable[InputItem], north_up: bool) -> Iterat
             else:
                 early[index] = error
 
-    results = engine.embed_iter(feed())
+    results = engine.embed_iter(feed(), thumbnails=thumbnails)
     try:
         waiting = None
         for index, item in enumerate(items):
@@ -234,26 +235,29 @@ def write_summary(run: RunFolder, *, engine: str, started: float, progress: Prog
 
 
 def prepare(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
-            north_up: bool = False) -> tuple[RunFolder, Listing, dict]:
+            north_up: bool = False, thumbnails: int | None = None) -> tuple[RunFolder, Listing, dict]:
     """The run folder (not yet opened), the inputs and the settings' fingerprint: what the local job and
     the Ray job both do first."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if thumbnails is not None and (isinstance(thumbnails, bool) or not isinstance(thumbnails, int) or thumbnails <= 0):
+        raise ValueError(f"thumbnails must be a width in pixels (a positive integer), got {thumbnails!r}")
     listing = list_inputs(dump, metadata)
-    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size)
+    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size, thumbnails=thumbnails)
     run = RunFolder(out)
     return run, listing, fingerprint
 
 
 def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metadata: Sequence = (),
            shard_size: int = DEFAULT_SHARD_SIZE, north_up: bool = False, quiet: bool = False,
-           verify: bool = False, hash_inputs: bool = False) -> dict:
+           verify: bool = False, hash_inputs: bool = False, thumbnails: int | None = None) -> dict:
     """Embed every input of ``dump`` into the run folder ``out``, resuming it if it exists; returns the summary.
 
     Pass ``config`` (an Engine is built, after the run folder is checked) or an ``engine`` to reuse.
     ``verify`` checks every committed part against its sha256 (sizes are always checked) and redoes
     the shards that differ; ``hash_inputs`` makes a new run compare its inputs by content rather than
-    by size and modification time. Raises ``RunMismatchError`` when ``out`` was started with other
+    by size and modification time. ``thumbnails``: keep a JPEG per view, this many pixels wide, in the
+    views table's ``thumbnail`` column (what ``mimetic report`` shows). Raises ``RunMismatchError`` when ``out`` was started with other
     settings or inputs (unless it has no committed shard), ``RunFolderError`` for a damaged manifest,
     ``RunWriteError`` when the folder cannot be written.
     """
@@ -261,7 +265,8 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
     if engine is None and config is None:
         raise ValueError("pass config or engine")
     config = engine.config if engine is not None else config
-    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up)
+    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
+                                        thumbnails=thumbnails)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)
@@ -291,7 +296,8 @@ def _embed_shards(engine, run: RunFolder, listing: Listing, pending: list[int], 
     """One continuous embed_iter over all pending shards, so the pipeline never drains at a shard's
     end; each finished shard is written and committed by a single writer thread while the model runs on."""
     context = run.table_context()
-    stream = embed_in_order(engine, itertools.chain.from_iterable(shard_items(listing, run, k) for k in pending), north_up)
+    thumbnails = run.manifest["config"].get("thumbnails")
+    stream = embed_in_order(engine, itertools.chain.from_iterable(shard_items(listing, run, k) for k in pending), north_up, thumbnails)
 
     def commit(shard: int, outcomes: list, seconds: float) -> None:
         entry = build_shard(run, shard, outcomes, north_up=north_up, context=context, seconds=seconds)

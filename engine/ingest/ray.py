@@ -76,6 +76,7 @@ class ShardWorker:
             torch.set_num_threads(threads)  # the actor's share of the node's CPUs, not all of them
         self.engine = Engine(config)
         self.run = RunFolder(out)
+        self.thumbnails = self.run.load_manifest()["config"].get("thumbnails")  # the run's, as the local job reads it
         self.north_up = north_up
         self.context = context
 
@@ -84,7 +85,7 @@ class ShardWorker:
         for shard, encoded in zip(batch["shard"], batch["items"], strict=True):
             began = time.perf_counter()
             items = [InputItem(**{**fields, "keys": tuple(fields["keys"])}) for fields in json.loads(encoded)]
-            outcomes = list(embed_in_order(self.engine, items, self.north_up))
+            outcomes = list(embed_in_order(self.engine, items, self.north_up, self.thumbnails))
             entry = build_shard(self.run, int(shard), outcomes, north_up=self.north_up, context=self.context,
                                 seconds=time.perf_counter() - began)
             entries.append(json.dumps(entry))
@@ -108,7 +109,7 @@ def plan_actors(config: EngineConfig, resources: dict, actors: int | None) -> tu
 
 def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
                north_up: bool = False, quiet: bool = False, verify: bool = False, hash_inputs: bool = False,
-               address: str | None = None, actors: int | None = None, verbose: bool = False) -> dict:
+               address: str | None = None, actors: int | None = None, verbose: bool = False, thumbnails: int | None = None) -> dict:
     """``engine.ingest.job.ingest`` on Ray Data; connects to ``address`` (or the running Ray, or a new local one).
 
     The Engine settings reach every actor in ``config`` (the decoded-bytes budget, ``max_decode_mib``,
@@ -117,7 +118,8 @@ def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shar
     import ray
 
     started = time.perf_counter()
-    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up)
+    run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
+                                        thumbnails=thumbnails)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)

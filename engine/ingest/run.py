@@ -107,8 +107,9 @@ def write_json_atomic(path: Path, document: dict, *, indent: int | None = 1) -> 
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(document, indent=indent, default=str) + "\n"))
 
 
-def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int) -> dict:
-    """Everything that changes what a shard holds: model and weights, views, vocabularies, code version.
+def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int, thumbnails: int | None = None) -> dict:
+    """Everything that changes what a shard holds: model and weights, views, vocabularies, code version,
+    the thumbnails' size (a key only when the run keeps thumbnails, so runs without them hash as before).
 
     Batch size, device, decode workers, the decoded-bytes budget (``max_decode_mib``) and the engine
     (local or Ray) change how fast, not what, so they may differ between a run and its resumption.
@@ -121,7 +122,7 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int)
     for name in config.vocabularies:
         vocabulary = load_vocabulary(name)
         vocabularies[vocabulary.name] = hashlib.sha256(f"{vocabulary.template}\n{vocabulary.labels_hash}".encode()).hexdigest()[:16]
-    return {
+    fingerprint = {
         "clip_model": config.clip_model,
         "clip_weights": config.clip_weights,
         "weights_bytes": _weights_bytes(config),
@@ -137,6 +138,9 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int)
         "mimetic_version": __version__,
         "code_version": _code_version(),
     }
+    if thumbnails is not None:
+        fingerprint["thumbnails"] = thumbnails
+    return fingerprint
 
 
 def _weights_bytes(config: EngineConfig) -> int | None:
