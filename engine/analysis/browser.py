@@ -38,6 +38,7 @@ class Seen:
     figures: list[str]  # ids of every figure div on the page
     text: str  # the page's visible text
     screenshot: Path | None
+    values: list  # what each of ``evaluate``'s expressions gave, once every figure was drawn
 
 
 def find_browser() -> str | None:
@@ -69,8 +70,10 @@ class _Session:
 
 
 def open_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | None = None, width: int = 1400, height: int = 1000,
-              timeout: float = 60.0, browser: str | None = None) -> Seen:
-    """Load ``path`` in headless Chromium; raise RuntimeError if no browser is installed or it does not start."""
+              timeout: float = 60.0, browser: str | None = None, evaluate: list[str] = ()) -> Seen:
+    """Load ``path`` in headless Chromium; raise RuntimeError if no browser is installed or it does not start.
+
+    ``evaluate``: JavaScript expressions run in the page once it is drawn (before the screenshot)."""
     browser = browser or find_browser()
     if browser is None:
         raise RuntimeError(f"no Chromium found (looked for {', '.join(BROWSERS)}): apt-get install chromium")
@@ -103,6 +106,7 @@ def open_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | None =
                     break
             time.sleep(0.05)
         seconds = time.perf_counter() - started
+        values = [session.evaluate(expression) for expression in evaluate]
         text = session.evaluate("document.body.innerText") or ""
         shot = None
         if screenshot is not None:
@@ -116,7 +120,7 @@ def open_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | None =
             session.call("Browser.close")
         except Exception:  # it may close the socket before it answers
             pass
-        return Seen(url, seconds, errors, requests, drawn, figures, text, shot)
+        return Seen(url, seconds, errors, requests, drawn, figures, text, shot, values)
     finally:
         process.terminate()
         try:

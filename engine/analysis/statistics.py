@@ -70,6 +70,18 @@ def _spearman(x, y, axis=-1):
     return _spearman_of_ranks(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis=axis)
 
 
+def _bootstrap(x, y, method: str, resamples: int, batch: int, rng) -> list[float] | None:
+    """scipy's paired bootstrap interval of ρ, or None where it has none."""
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # answered by None, and said in ``reason``
+        boot = stats.bootstrap((x, y), _spearman, paired=True, vectorized=True, n_resamples=resamples,
+                               confidence_level=CONFIDENCE, method=method.lower(), batch=batch, rng=rng)
+    low, high = boot.confidence_interval
+    return [float(low), float(high)] if np.isfinite(low) and np.isfinite(high) else None
+
+
 def correlate(x, y, *, seed: int = 0, permutations: int = PERMUTATIONS, resamples: int | None = None) -> dict:
     """Spearman's ρ between ``x`` and ``y`` (pairs with a NaN on either side are left out and counted).
 
@@ -98,12 +110,12 @@ def correlate(x, y, *, seed: int = 0, permutations: int = PERMUTATIONS, resample
                                   alternative="two-sided", vectorized=True, batch=batch, rng=rng)
     out["p_value"] = float(test.pvalue)
     method = "BCa" if n <= BCA_LIMIT else "percentile"
-    with np.errstate(invalid="ignore", divide="ignore"):  # a resample with one distinct value has no ρ
-        boot = stats.bootstrap((x, y), _spearman, paired=True, vectorized=True, n_resamples=resamples,
-                               confidence_level=CONFIDENCE, method=method.lower(), batch=batch, rng=rng)
-    low, high = boot.confidence_interval
-    out["ci95"] = [float(low), float(high)] if np.isfinite(low) and np.isfinite(high) else None
+    interval = _bootstrap(x, y, method, resamples, batch, rng)
+    if interval is None and method == "BCa":  # every resample gave the same ρ (e.g. 1): BCa is undefined
+        method = "percentile"
+        interval = _bootstrap(x, y, method, resamples, batch, rng)
+    out["ci95"] = interval
     out["bootstrap"] = {"method": method, "resamples": resamples, "paired": True}
-    if out["ci95"] is None:
+    if interval is None:
         out["reason"] = "the bootstrap gave no interval (too few distinct values)"
     return out

@@ -123,9 +123,9 @@ def _load_results(path: Path) -> Corpus:
     ids = table.column("id").to_pylist()
     meta = [json.loads(m) if m else {} for m in table.column("meta").to_pylist()]
     fields = [canonical_fields(m) for m in meta]
-    # `mimetic embed` names each panorama by the path it was given: a source, when it is still there.
-    sources = [i if _readable(i, path.parent) else None for i in ids]
-    sources = [s if s is None or Path(s).is_file() else os.fspath(path.parent / s) for s in sources]
+    # `mimetic embed` names each panorama by the path it was given: its source (relative to where it ran, or
+    # to the results file). An id that is no image path (an array's, the demo's synthetic scene) has none.
+    sources = [_source(i, path.parent) for i in ids]
     return Corpus(
         target=path, kind="results", config=config, ids=ids, sources=sources, yaw_offsets=np.zeros(len(ids)),
         lat=np.array([np.nan if f["lat"] is None else f["lat"] for f in fields], np.float64),
@@ -135,8 +135,12 @@ def _load_results(path: Path) -> Corpus:
     )
 
 
-def _readable(name: str, beside: Path) -> bool:
-    return Path(name).is_file() or (beside / name).is_file()
+def _source(name: str, beside: Path) -> str | None:
+    from engine.ingest.inputs import IMAGE_EXTENSIONS
+
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    return name if Path(name).is_file() or not (beside / name).is_file() else os.fspath(beside / name)
 
 
 def _join(corpus: Corpus, file) -> None:
