@@ -24,12 +24,20 @@ if find_browser() is None:
         pytest.fail("no Chromium: .ci/run installs it with apt-get install -y chromium", pytrace=False)
     pytest.skip("no Chromium here (apt-get install chromium)", allow_module_level=True)
 
-HOVER = """(() => {
+# A real mouse move over the first point of the map, on plotly's drag layer, where a person's mouse lands;
+# the panel is read a moment later (plotly throttles hover events).
+HOVER = """new Promise(done => {
   const div = document.getElementById('fig-map');
-  Plotly.Fx.hover(div, [{curveNumber: 0, pointNumber: 0}]);
-  const panel = document.getElementById('panel-body');
-  return JSON.stringify({images: panel.querySelectorAll('img').length, text: panel.innerText});
-})()"""
+  div.scrollIntoView();
+  const trace = div.data[0], layout = div._fullLayout, drag = div.querySelector('.nsewdrag');
+  const box = drag.getBoundingClientRect();
+  drag.dispatchEvent(new MouseEvent('mousemove', {clientX: box.left + layout.xaxis.l2p(trace.x[0]),
+                                                  clientY: box.top + layout.yaxis.l2p(trace.y[0]), bubbles: true}));
+  setTimeout(() => {
+    const panel = document.getElementById('panel-body');
+    done(JSON.stringify({images: panel.querySelectorAll('img').length, text: panel.innerText}));
+  }, 300);
+})"""
 
 
 @pytest.fixture(scope="module")

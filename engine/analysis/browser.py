@@ -65,7 +65,7 @@ class _Session:
             self.events.append(message)
 
     def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return result.get("result", {}).get("value")
 
 
@@ -73,7 +73,8 @@ def open_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | None =
               timeout: float = 60.0, browser: str | None = None, evaluate: list[str] = ()) -> Seen:
     """Load ``path`` in headless Chromium; raise RuntimeError if no browser is installed or it does not start.
 
-    ``evaluate``: JavaScript expressions run in the page once it is drawn (before the screenshot)."""
+    ``evaluate``: JavaScript expressions run in the page once it is drawn (before the screenshot); one that
+    gives a Promise is awaited."""
     browser = browser or find_browser()
     if browser is None:
         raise RuntimeError(f"no Chromium found (looked for {', '.join(BROWSERS)}): apt-get install chromium")

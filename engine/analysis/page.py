@@ -64,9 +64,11 @@ SCRIPT = """
   }
   for (const [name, fig] of Object.entries(data.figures)) {
     const div = document.getElementById('fig-' + name); if (!div || !fig) continue;
-    Plotly.newPlot(div, fig.data, fig.layout, config).then(() => div.setAttribute('data-drawn', '1'));
-    div.on && div.on('plotly_hover', show);
-    div.on && div.on('plotly_click', show);
+    Plotly.newPlot(div, fig.data, fig.layout, config).then(() => {
+      div.on('plotly_hover', show);  // div.on exists once the plot does
+      div.on('plotly_click', show);
+      div.setAttribute('data-drawn', '1');
+    });
   }
   function wire(name){
     const fig = data.figures[name], div = document.getElementById('fig-' + name); if (!fig || !div) return;
