@@ -66,6 +66,11 @@ class _Stages:
     """A tqdm bar over the report's stages (``quiet``: none)."""
 
     def __init__(self, names: list[str], quiet: bool):
+        import time
+
+        self.clock = time.perf_counter
+        self.seconds: dict[str, float] = {}  # per stage, in report.json
+        self.current, self.began = None, self.clock()
         self.bar = None
         if not quiet:
             import sys
@@ -75,10 +80,12 @@ class _Stages:
             self.bar = tqdm(total=len(names), desc="report", unit="stage", file=sys.stderr, dynamic_ncols=True)
 
     def start(self, name: str) -> None:
+        self.current, self.began = name, self.clock()
         if self.bar is not None:
             self.bar.set_postfix_str(name)
 
     def done(self) -> None:
+        self.seconds[self.current] = round(self.clock() - self.began, 3)
         if self.bar is not None:
             self.bar.update(1)
 
@@ -229,8 +236,9 @@ def _build(target: Path, out: Path, options: ReportOptions, engine, stages: _Sta
     out.mkdir(parents=True, exist_ok=True)
     page.write(out / INDEX, document, figs, corpus=corpus, hover=hover, strips=strips, missing=missing, sheets=sheets,
                queries=queries)
-    _write_json(out / REPORT_JSON, document)
     stages.done()
+    document["seconds"] = stages.seconds
+    _write_json(out / REPORT_JSON, document)
     return document
 
 

@@ -19,15 +19,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-STRIP_QUALITY = 80
-DEFAULT_SIZE = 96  # pixels per view in a strip cut from the sources
+STRIP_QUALITY = 75
+STRIP_HEIGHT = 64  # pixels: eight views of a strip are then ~20 KB, so 400 panoramas add ~8 MB to the page
+DEFAULT_SIZE = 96  # pixels per view cut from the sources (a strip scales them to STRIP_HEIGHT)
 
 
-def strip(jpegs: list[bytes], height: int | None = None) -> str:
-    """Per-view JPEGs -> one data: URI of them side by side (each scaled to ``height``, default the first's)."""
+def strip(jpegs: list[bytes], height: int = STRIP_HEIGHT) -> str:
+    """Per-view JPEGs -> one data: URI of them side by side, each scaled to ``height`` (never up)."""
     images = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs]
-    height = height or images[0].height
-    images = [im if im.height == height else im.resize((max(1, round(im.width * height / im.height)), height)) for im in images]
+    height = min(height, images[0].height)
+    images = [im if im.height == height else im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.LANCZOS) for im in images]
     sheet = Image.new("RGB", (sum(im.width for im in images) + 2 * (len(images) - 1), height), "white")
     x = 0
     for im in images:
