@@ -1,7 +1,9 @@
 """The report's plotly figures, as plain figure dicts (data + layout) that plotly.js draws in the page.
 
 Every point carries ``customdata`` = its panorama's row in the report, so the page's hover panel can
-show that panorama's id, labels and thumbnails. Each trace has ``meta.group``: the page's controls show
+show that panorama's id, labels, values and thumbnails, stored once for the page (a point is drawn once
+per colouring, so its text in every trace would multiply the page's size); the tooltip itself names only
+the trace (the label, the column). Each trace has ``meta.group``: the page's controls show
 one group at a time (a vocabulary's labels, a numeric column, a query) with ``Plotly.restyle``. Above
 ``WEBGL_ABOVE`` points a trace is drawn with WebGL (``scattergl``), which keeps 20,000 points
 interactive; below, as SVG, which every browser draws.
@@ -9,6 +11,7 @@ interactive; below, as SVG, which every browser draws.
 
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -32,6 +35,11 @@ def _round(values, digits: int = 5) -> list:
     return [None if not math.isfinite(v) else round(float(v), digits) for v in values]
 
 
+def _template_text(text: str) -> str:
+    """Text for a hovertemplate: HTML-escaped, and plotly's own %{...} and braces kept literal."""
+    return html.escape(text).replace("%", "%%").replace("{", "&#123;").replace("}", "&#125;")
+
+
 def _label_traces(x, y, rows: np.ndarray, vocabularies: dict, hover: list[str]) -> list[dict]:
     """One trace per label of each vocabulary (the panoramas whose top label it is), grouped by vocabulary;
     the first vocabulary's are visible."""
@@ -45,7 +53,7 @@ def _label_traces(x, y, rows: np.ndarray, vocabularies: dict, hover: list[str]) 
             traces.append({
                 "type": _kind(len(rows)), "mode": "markers", "name": label, "legendgroup": name,
                 "x": _round(x[members]), "y": _round(y[members]), "customdata": rows[members].tolist(),
-                "text": [hover[i] for i in rows[members]], "hovertemplate": "%{text}<extra></extra>",
+                "hovertemplate": f"{_template_text(label)}<extra></extra>",
                 "marker": {"size": 7, "color": PALETTE[k % len(PALETTE)], "opacity": 0.85},
                 "visible": v == 0, "meta": {"group": f"vocabulary:{name}"},
             })
@@ -59,8 +67,8 @@ def _numeric_traces(x, y, rows: np.ndarray, numeric: dict, hover: list[str]) -> 
         shown = rows[np.isfinite(values[rows])]
         traces.append({
             "type": _kind(len(rows)), "mode": "markers", "name": name, "x": _round(x[shown]), "y": _round(y[shown]),
-            "customdata": shown.tolist(), "text": [f"{hover[i]}<br>{name}: {values[i]:.4g}" for i in shown],
-            "hovertemplate": "%{text}<extra></extra>", "showlegend": False, "visible": False,
+            "customdata": shown.tolist(), "hovertemplate": f"{_template_text(name)}: %{{marker.color:.4g}}<extra></extra>",
+            "showlegend": False, "visible": False,
             "marker": {"size": 7, "color": _round(values[shown]), "colorscale": "Viridis", "showscale": True,
                        "colorbar": {"title": {"text": name}}},
             "meta": {"group": f"numeric:{name}"},
@@ -84,7 +92,7 @@ def map_figure(corpus, rows: np.ndarray, vocabularies: dict, numeric: dict, quer
             traces.append({
                 "type": "scatter", "mode": "markers", "name": f"{query['text']}: {'top' if polarity == 'positive' else 'bottom'}",
                 "x": _round(lon[members]), "y": _round(lat[members]), "customdata": members.tolist(),
-                "text": [f"{hover[i]}<br>score {query['scores'][i]:+.4f}" for i in members],
+                "text": [f"{html.escape(query['text'])}: score {query['scores'][i]:+.4f}" for i in members],
                 "hovertemplate": "%{text}<extra></extra>", "visible": False, "meta": {"group": f"query:{q}"},
                 "marker": {"size": 16, "symbol": symbol, "color": colour, "line": {"width": 3, "color": colour}},
             })
@@ -115,7 +123,7 @@ def umap_figure(layout2d: np.ndarray, rows: np.ndarray, vocabularies: dict, nume
         traces.append({
             "type": _kind(len(views["rows"])), "mode": "markers", "name": "views", "x": _round(views["xy"][:, 0]),
             "y": _round(views["xy"][:, 1]), "customdata": views["rows"].tolist(),
-            "text": [f"{hover[r]}<br>view {v}" for r, v in zip(views["rows"], views["view"], strict=True)],
+            "text": [f"view {v}" for v in views["view"]],
             "hovertemplate": "%{text}<extra></extra>", "visible": False, "meta": {"group": "views"},
             "marker": {"size": 4, "color": "#888", "opacity": 0.5},
         })
@@ -148,8 +156,8 @@ def scatter_figure(pairs: list[dict], rows: list[int], scale: str, column: str) 
     """Each panorama's expected value on the scale against its value in the column."""
     trace = {
         "type": _kind(len(pairs)), "mode": "markers", "x": [p["value"] for p in pairs], "y": [round(p["expected"], 3) for p in pairs],
-        "customdata": rows, "text": [p["id"] for p in pairs], "marker": {"size": 7, "color": "#4c78a8", "opacity": 0.8},
-        "hovertemplate": "%{text}<br>" + column + ": %{x}<br>expected: %{y}<extra></extra>", "name": "panoramas",
+        "customdata": rows, "text": [html.escape(p["id"]) for p in pairs], "marker": {"size": 7, "color": "#4c78a8", "opacity": 0.8},
+        "hovertemplate": "%{text}<br>" + _template_text(column) + ": %{x}<br>expected: %{y}<extra></extra>", "name": "panoramas",
     }
     return {"data": [trace], "layout": {"margin": {"l": 60, "r": 10, "t": 10, "b": 50}, "height": 480, "hovermode": "closest",
                                         "xaxis": {"title": {"text": column}},
@@ -165,7 +173,7 @@ def trajectory_figure(trajectories: list[dict]) -> dict:
         symbols = ["circle"] + ["circle-open"] * (len(xs) - 2) + ["star"]
         traces.append({
             "type": "scatter", "mode": "lines+markers", "name": f"{t['id']} view {t['view']}", "x": xs, "y": ys,
-            "text": t["labels"], "hovertemplate": "%{text}<extra>" + f"{t['id']} view {t['view']}" + "</extra>",
+            "text": t["labels"], "hovertemplate": "%{text}<extra>" + _template_text(f"{t['id']} view {t['view']}") + "</extra>",
             "line": {"color": colour, "width": 1.5}, "marker": {"color": colour, "size": [11] + [6] * (len(xs) - 2) + [14],
                                                                  "symbol": symbols},
         })

@@ -52,7 +52,10 @@ SCRIPT = """
     const p = ev.points && ev.points[0]; if (!p || p.customdata === undefined) return;
     const row = Array.isArray(p.customdata) ? p.customdata[0] : p.customdata;
     panel.innerHTML = '';
-    const t = document.createElement('div'); t.innerHTML = p.text || ''; panel.appendChild(t);
+    // The panel's text is the page's own (escaped when written), kept once per panorama in data.hover.
+    const t = document.createElement('div'); t.innerHTML = data.hover[row] || ''; panel.appendChild(t);
+    if (p.text && !data.hover[row]) t.textContent = p.text;
+    else if (p.text) { const extra = document.createElement('div'); extra.innerHTML = p.text; panel.appendChild(extra); }
     const uri = thumb(row);
     if (uri) { const img = document.createElement('img'); img.src = uri; panel.appendChild(img); }
     else { const d = document.createElement('div'); d.className = 'missing'; d.textContent = data.missing[row] || 'no thumbnail kept for this panorama (--max-thumbnails)'; panel.appendChild(d); }
@@ -230,7 +233,8 @@ def write(path: Path, document: dict, figs: dict, *, corpus, hover, strips: dict
               f"every number here is in report.json. mimetic {esc(document['mimetic_version'])}, {esc(document['created'])}.</p>")
     figures_data = {"map": figs["map"], "umap": figs["umap"], "scatter": figs["scatter"],
                     **{f"labels-{name}": fig for name, fig in figs["labels"].items()}}
-    data = {"figures": figures_data, "thumbs": {str(r): uri for r, uri in strips.items()},
+    data = {"figures": figures_data, "hover": {str(r): text for r, text in hover.items()},
+            "thumbs": {str(r): uri for r, uri in strips.items()},
             "missing": {str(r): reason for r, reason in missing.items()}}
     warning = RANDOM_WARNING if document["random_weights"] else None
     page_html = document_html(f"mimetic report: {Path(document['target']).name}", header, sections, data, warning)

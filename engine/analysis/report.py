@@ -191,6 +191,10 @@ def _build(target: Path, out: Path, options: ReportOptions, engine, stages: _Sta
 
     stages.start("thumbnails")
     hover = [_hover(corpus.ids[i], {k: (d["labels"], d["probs"][i]) for k, d in vocab_data.items()}) for i in range(n)]
+    for i in range(n):  # the numbers a point can be coloured by, in its hover panel too
+        hover[i] += f"<br>expected {scale.name} value: {expected[i]:.4g}"
+        if against is not None and np.isfinite(against[0][i]):
+            hover[i] += f"<br>{_escape(options.against)}: {against[0][i]:.4g}"
     sheets = {name: _sheet(d["probs"], options.sheet) for name, d in vocab_data.items()}
     wanted = [i for s in sheets.values() for members in s for i in members]
     wanted += [i for q in queries for i in q["positive"] + q["negative"]]
@@ -234,12 +238,18 @@ def _build(target: Path, out: Path, options: ReportOptions, engine, stages: _Sta
         if correlation and correlation["pairs"] else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    page.write(out / INDEX, document, figs, corpus=corpus, hover=hover, strips=strips, missing=missing, sheets=sheets,
+    page.write(out / INDEX, document, figs, corpus=corpus, hover={int(i): hover[i] for i in set(rows.tolist()) | set(wanted)}, strips=strips, missing=missing, sheets=sheets,
                queries=queries)
     stages.done()
     document["seconds"] = stages.seconds
     _write_json(out / REPORT_JSON, document)
     return document
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
 
 
 def _hover(item_id: str, readings: dict) -> str:
