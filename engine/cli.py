@@ -29,7 +29,7 @@ from engine.views import DEFAULT_SIZE, PRESETS, describe_presets
 
 # Commands that live beside the features they drive, each a module with add_parsers(commands) and
 # run(args) -> exit status, or None when the command is not its own. They import torch lazily.
-COMMAND_MODULES = ("engine.dream.cli", "engine.dream.caption_cli", "engine.serve.cli", "engine.ingest.cli")
+COMMAND_MODULES = ("engine.dream.cli", "engine.dream.caption_cli", "engine.serve.cli", "engine.ingest.cli", "engine.analysis.cli")
 
 TRACEBACK_ENV = "MIMETIC_TRACEBACK"  # =1: a user's error raises with its traceback instead of one line
 USAGE_ERROR = 2  # the exit status of a user's mistake, as argparse uses for a bad flag
@@ -281,12 +281,12 @@ def _print_readings(result) -> None:
     print(f"{result.id}: " + " | ".join(parts))
 
 
-def _embed_files(engine, paths: list[str], extra=()) -> list:
+def _embed_files(engine, paths: list[str], extra=(), thumbnails: int | None = None) -> list:
     from engine.pipeline import Panorama
 
     panoramas = [*extra, *(Panorama(id=path, data=path) for path in paths)]
     results = []
-    for result in engine.embed_iter(panoramas):
+    for result in engine.embed_iter(panoramas, thumbnails=thumbnails):
         _print_readings(result)
         results.append(result)
     return results
@@ -307,7 +307,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from engine.demo import SYNTHETIC_NOTE, street_scene
+    from engine.demo import DEMO_THUMBNAILS, SYNTHETIC_NOTE, demo_report, street_scene
     from engine.pipeline import Engine, Panorama
     from engine.results import write_parquet
 
@@ -319,11 +319,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     Image.fromarray(scene).save(args.out / "synthetic-street.png")
     engine = Engine(config)
     synthetic = Panorama(id="synthetic-street", data=scene, meta={"source": SYNTHETIC_NOTE})
-    results = _embed_files(engine, args.panos, extra=[synthetic])
+    results = _embed_files(engine, args.panos, extra=[synthetic], thumbnails=DEMO_THUMBNAILS)
     write_parquet(results, args.out / "results.parquet", engine.config)
     (args.out / "info.json").write_text(json.dumps(engine.info(), indent=2) + "\n")
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)} of {len(results)} panoramas embedded -> {args.out}/results.parquet")
+    print(f"what the engine saw: {demo_report(engine, args.out)}")
     return 1 if failed else 0
 
 

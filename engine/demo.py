@@ -10,6 +10,20 @@ from __future__ import annotations
 import numpy as np
 
 SYNTHETIC_NOTE = "procedural street scene made by mimetic (synthetic, not a photograph)"
+DEMO_THUMBNAILS = 96  # pixels per view of the thumbnails the demo keeps in its results, for its report
+DEMO_QUERIES = ("a street with old buildings", "a modern glass building")
+
+
+def demo_report(engine, out):
+    """The demo's last step: ``mimetic report`` on its results, ``out/report/index.html`` (and report.json),
+    read with the demo's own Engine. Returns the page's path."""
+    from pathlib import Path
+
+    from engine.analysis.report import INDEX, ReportOptions, build_report
+
+    folder = Path(out) / "report"
+    build_report(Path(out) / "results.parquet", folder, ReportOptions(queries=list(DEMO_QUERIES), top=3, sheet=3), engine=engine)
+    return folder / INDEX
 
 
 def street_scene(height: int = 1024, seed: int = 0) -> np.ndarray:

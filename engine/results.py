@@ -38,6 +38,7 @@ VIEW_FIELDS = [
     pa.field("height", pa.int32()),
     pa.field("embedding", EMBEDDING),  # L2-normalised, fp16
     pa.field("labels", LABELS),  # top-k per vocabulary, for this view
+    pa.field("thumbnail", pa.binary()),  # the view as a small JPEG, when asked for (ingest --thumbnails); else null
 ]
 # A panorama row: its pooled embedding and labels, and its metadata as given.
 PANORAMA_FIELDS = [
@@ -114,7 +115,8 @@ def results_table(results, engine_config=None) -> pa.Table:
             continue
         for index, (view, embedding) in enumerate(zip(result.views, result.embeddings.float().numpy(), strict=True)):
             add(id=result.id, kind="view", view=index, yaw=view.yaw, pitch=view.pitch, roll=view.roll, fov=view.fov,
-                width=view.width, height=view.height, meta=meta)
+                width=view.width, height=view.height, meta=meta,
+                thumbnail=result.thumbnails[index] if result.thumbnails else None)
             labels.append({name: r["views"][index] for name, r in result.readings.items()})
             embeddings.append(embedding.astype(np.float16))
         add(id=result.id, kind="pooled", meta=meta)

@@ -17,11 +17,20 @@ start with a consonant).
 
 File formats (``load_vocabulary(path)``), all UTF-8:
 
-* ``.json``: ``{"labels": [...], "template": ..., "name": ..., "description": ...}``; only
-  ``labels`` is required, and no other key is accepted (a misspelt key is an error, not ignored).
+* ``.json``: ``{"labels": [...], "template": ..., "name": ..., "description": ..., "values": [...]}``;
+  only ``labels`` is required, and no other key is accepted (a misspelt key is an error, not ignored).
 * ``.txt``: one label per line; blank lines are skipped. Lines starting with ``#`` are comments,
   except ``# template: ...``, ``# name: ...`` and ``# description: ...``, which set those fields.
-* ``.csv``: a header row with a ``label`` column (other columns are ignored); blank cells are skipped.
+* ``.csv``: a header row with a ``label`` column and optionally a ``value`` column (other columns are
+  ignored); rows with a blank label are skipped.
+
+Values. A vocabulary may give each label a number (``values``, one per label, in label order; in a CSV
+every row's ``value`` cell): a scale on which a reading has an expected value, Σ p(label) · value(label)
+(``mimetic report --scale``). ``periods`` gives each label its representative year: the middle of its
+century (``15th century`` is 1450), the middle of the 21st century's years so far (2013) for the 21st,
+950 for ``medieval period`` (the 5th to the 14th century) and AD 100 for ``ancient Roman period``
+(the imperial building of the 1st and 2nd centuries, which is most of what survives in a street).
+Values are all given or none; each must be a finite number.
 
 The name defaults to the file's stem and the template to ``DEFAULT_TEMPLATE``. Labels are stripped of
 surrounding whitespace. Bad input is a ``ValueError`` that names the file (or the vocabulary): an
@@ -53,7 +62,7 @@ if TYPE_CHECKING:
 PLACEHOLDER = "{label}"
 DEFAULT_TEMPLATE = "a photo of {label}"
 _PACKAGE = "engine.vocabularies"
-_JSON_KEYS = frozenset({"name", "template", "description", "labels"})
+_JSON_KEYS = frozenset({"name", "template", "description", "labels", "values"})
 _SUFFIXES = (".json", ".txt", ".csv")
 
 
@@ -69,10 +78,13 @@ class Vocabulary:
     template: str
     labels: tuple[str, ...]
     description: str = ""
+    values: tuple[float, ...] | None = None  # a number per label (a scale, e.g. periods' years), or None
 
     def __post_init__(self):
         object.__setattr__(self, "labels", tuple(self.labels))
-        problem = _problem(self.name, self.template, self.labels, self.description)
+        if self.values is not None:
+            object.__setattr__(self, "values", tuple(self.values))
+        problem = _problem(self.name, self.template, self.labels, self.description) or _values_problem(self.labels, self.values)
         if problem:
             raise ValueError(f"vocabulary {self.name!r}: {problem}")
 
@@ -113,6 +125,20 @@ def _problem(name, template, labels: Sequence, description) -> str | None:
         if key in seen:
             return f"duplicate labels: {labels[seen[key]]!r} (label {seen[key]}) and {label!r} (label {index}) make the same prompt"
         seen[key] = index
+    return None
+
+
+def _values_problem(labels: Sequence, values) -> str | None:
+    """What is wrong with a vocabulary's values, or None (None itself is fine: no scale)."""
+    import math
+
+    if values is None:
+        return None
+    if len(values) != len(labels):
+        return f"{len(values)} values for {len(labels)} labels: give one value per label, in label order"
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"value {index} (for {labels[index]!r}) is not a finite number: {value!r}"
     return None
 
 
@@ -163,11 +189,12 @@ def _load_bundled(name: str) -> Vocabulary:
     return _parse_json(text, where=f"bundled vocabulary {name!r}", default_name=name)
 
 
-def _build(where: str, name, template, labels, description) -> Vocabulary:
-    problem = _problem(name, template, labels, description)
+def _build(where: str, name, template, labels, description, values=None) -> Vocabulary:
+    problem = _problem(name, template, labels, description) or _values_problem(labels, values)
     if problem:
         raise ValueError(f"{where}: {problem}")
-    return Vocabulary(name=name, template=template, labels=tuple(labels), description=description)
+    return Vocabulary(name=name, template=template, labels=tuple(labels), description=description,
+                      values=None if values is None else tuple(float(v) for v in values))
 
 
 def _parse_json(text: str, *, where: str, default_name: str) -> Vocabulary:
@@ -186,7 +213,11 @@ def _parse_json(text: str, *, where: str, default_name: str) -> Vocabulary:
     if not isinstance(labels, list):
         raise ValueError(f"{where}: 'labels' must be a list of strings, got {type(labels).__name__}")
     labels = [label.strip() if isinstance(label, str) else label for label in labels]
-    return _build(where, data.get("name", default_name), data.get("template", DEFAULT_TEMPLATE), labels, data.get("description", ""))
+    values = data.get("values")
+    if values is not None and not isinstance(values, list):
+        raise ValueError(f"{where}: 'values' must be a list of numbers, one per label, got {type(values).__name__}")
+    return _build(where, data.get("name", default_name), data.get("template", DEFAULT_TEMPLATE), labels,
+                  data.get("description", ""), values)
 
 
 def _parse_txt(text: str, *, where: str, default_name: str) -> Vocabulary:
@@ -210,9 +241,22 @@ def _parse_csv(text: str, *, where: str, default_name: str) -> Vocabulary:
     columns = [column.strip().lower() for column in reader.fieldnames or []]
     if "label" not in columns:
         raise ValueError(f"{where}: no 'label' column in the header row (columns: {', '.join(reader.fieldnames or []) or 'none'})")
-    column = (reader.fieldnames or [])[columns.index("label")]
-    labels = [label for label in ((row.get(column) or "").strip() for row in reader) if label]  # blank cells skipped
-    return _build(where, default_name, DEFAULT_TEMPLATE, labels, "")
+    names = reader.fieldnames or []
+    column = names[columns.index("label")]
+    value_column = names[columns.index("value")] if "value" in columns else None
+    labels, values = [], []
+    for number, row in enumerate(reader, 2):
+        label = (row.get(column) or "").strip()
+        if not label:
+            continue  # a blank cell
+        labels.append(label)
+        if value_column is not None:
+            cell = (row.get(value_column) or "").strip()
+            try:
+                values.append(float(cell))
+            except ValueError:
+                raise ValueError(f"{where}: line {number}: value {cell!r} of {label!r} is not a number") from None
+    return _build(where, default_name, DEFAULT_TEMPLATE, labels, "", values if value_column is not None else None)
 
 
 def _sha256_lines(lines: Iterable[str]) -> str:

@@ -19,7 +19,6 @@ from engine.models.tiny import make_tiny_clip
 from engine.models.tiny_caption import make_tiny_caption
 from engine.models.tiny_sd import make_tiny_sd
 
-
 FLAVOURS = ("mediums", "styles")
 STEPS = 4
 

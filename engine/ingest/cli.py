@@ -1,6 +1,6 @@
 """The ``ingest`` and ``query`` commands of ``mimetic``: ``add_parsers`` adds them, ``run`` runs them.
 
-    mimetic ingest DUMP --out RUN [--metadata FILE ...] [--shard-size N] [--north-up] [--quiet]
+    mimetic ingest DUMP --out RUN [--metadata FILE ...] [--shard-size N] [--north-up] [--thumbnails SIZE] [--quiet]
                    [--verify] [--hash-inputs] [--engine local|ray] [--address ADDR] [--actors N]
                    [--captions --caption-model DIR [--flavours V,...]] [--verbose] [engine flags]
     mimetic query RUN|RESULTS.parquet "a baroque church" [--top 20] [--views] [--out PREFIX] [--device auto]
@@ -44,6 +44,9 @@ def add_parsers(commands) -> None:
     ingest.add_argument("--north-up", action="store_true",
                         help="turn each panorama by its heading so a view's yaw is its compass bearing (0 = north); "
                              "inputs without a heading go to the quarantine")
+    ingest.add_argument("--thumbnails", type=positive_int, default=None, metavar="SIZE",
+                        help="keep a small JPEG of every view, SIZE pixels wide, in the views table's thumbnail column "
+                             "(what mimetic report shows; set when the run starts)")
     ingest.add_argument("--quiet", action="store_true", help="plain log lines per shard instead of a progress bar")
     ingest.add_argument("--verify", action="store_true",
                         help="check every committed part against the sha256 recorded at its commit (sizes are always "
@@ -100,7 +103,8 @@ def _ingest(args: argparse.Namespace) -> int:
     give_freed_images_back_to_the_os()  # peak memory follows the decode budget, not the decode threads
 
     options = {"metadata": args.metadata, "shard_size": args.shard_size, "north_up": args.north_up, "quiet": args.quiet,
-               "verify": args.verify, "hash_inputs": args.hash_inputs, "captions": _captions(args)}
+               "verify": args.verify, "hash_inputs": args.hash_inputs, "captions": _captions(args),
+               "thumbnails": args.thumbnails}
     try:
         config = config_from_args(args)
         if args.runner == "ray":

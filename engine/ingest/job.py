@@ -81,9 +81,11 @@ def _prepare(item: InputItem, north_up: bool):
     return Panorama(id=item.id, data=data, yaw_offset=yaw_offset(item, north_up)), None
 
 
-def embed_in_order(engine, items: Iterable[InputItem], north_up: bool, captioner=None) -> Iterator[tuple[InputItem, object]]:
-    """(item, EmbedResult) for every item, in order, through one continuous ``Engine.embed_iter`` (which
-    also captions every view with ``captioner``).
+def embed_in_order(engine, items: Iterable[InputItem], north_up: bool, thumbnails: int | None = None,
+                   captioner=None) -> Iterator[tuple[InputItem, object]]:
+    """(item, EmbedResult) for every item, in order, through one continuous ``Engine.embed_iter``
+    (with a JPEG thumbnail per view, ``thumbnails`` pixels wide, when asked for; and a caption per view
+    with ``captioner``).
 
     Items that fail before the Engine (no heading with --north-up, unreadable tar) get an error result
     in place. The Engine runs ahead of this generator, so an item's early failure may be recorded only
@@ -102,7 +104,7 @@ def embed_in_order(engine, items: Iterable[InputItem], north_up: bool, captioner
             else:
                 early[index] = error
 
-    results = engine.embed_iter(feed(), captioner=captioner)
+    results = engine.embed_iter(feed(), thumbnails=thumbnails, captioner=captioner)
     try:
         waiting = None
         for index, item in enumerate(items):
@@ -264,20 +266,24 @@ def load_captioner(captions: CaptionSettings | None, device: str):
 
 
 def prepare(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
-            north_up: bool = False, captions: CaptionSettings | None = None) -> tuple[RunFolder, Listing, dict]:
+            north_up: bool = False, thumbnails: int | None = None,
+            captions: CaptionSettings | None = None) -> tuple[RunFolder, Listing, dict]:
     """The run folder (not yet opened), the inputs and the settings' fingerprint: what the local job and
     the Ray job both do first."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if thumbnails is not None and (isinstance(thumbnails, bool) or not isinstance(thumbnails, int) or thumbnails <= 0):
+        raise ValueError(f"thumbnails must be a width in pixels (a positive integer), got {thumbnails!r}")
     listing = list_inputs(dump, metadata)
-    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size, captions=captions)
+    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size, thumbnails=thumbnails, captions=captions)
     run = RunFolder(out)
     return run, listing, fingerprint
 
 
 def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metadata: Sequence = (),
            shard_size: int = DEFAULT_SHARD_SIZE, north_up: bool = False, quiet: bool = False,
-           verify: bool = False, hash_inputs: bool = False, captions: CaptionSettings | None = None) -> dict:
+           verify: bool = False, hash_inputs: bool = False, thumbnails: int | None = None,
+           captions: CaptionSettings | None = None) -> dict:
     """Embed every input of ``dump`` into the run folder ``out``, resuming it if it exists; returns the summary.
 
     Pass ``config`` (an Engine is built, after the run folder is checked) or an ``engine`` to reuse.
@@ -285,7 +291,8 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
     views table); the flavours join the vocabularies read, and the captioner is part of the fingerprint.
     ``verify`` checks every committed part against its sha256 (sizes are always checked) and redoes
     the shards that differ; ``hash_inputs`` makes a new run compare its inputs by content rather than
-    by size and modification time. Raises ``RunMismatchError`` when ``out`` was started with other
+    by size and modification time. ``thumbnails``: keep a JPEG per view, this many pixels wide, in the
+    views table's ``thumbnail`` column (what ``mimetic report`` shows). Raises ``RunMismatchError`` when ``out`` was started with other
     settings or inputs (unless it has no committed shard), ``RunFolderError`` for a damaged manifest,
     ``RunWriteError`` when the folder cannot be written.
     """
@@ -298,7 +305,7 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
                 raise ValueError(f"flavour vocabulary {name!r} is not among the engine's vocabularies ({', '.join(engine.vocabularies)})")
     config = engine.config if engine is not None else with_flavours(config, captions)
     run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
-                                        captions=captions)
+                                        thumbnails=thumbnails, captions=captions)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)
@@ -331,7 +338,9 @@ def _embed_shards(engine, run: RunFolder, listing: Listing, pending: list[int], 
     """One continuous embed_iter over all pending shards, so the pipeline never drains at a shard's
     end; each finished shard is written and committed by a single writer thread while the model runs on."""
     context = run.table_context()
-    stream = embed_in_order(engine, itertools.chain.from_iterable(shard_items(listing, run, k) for k in pending), north_up, captioner)
+    thumbnails = run.manifest["config"].get("thumbnails")
+    stream = embed_in_order(engine, itertools.chain.from_iterable(shard_items(listing, run, k) for k in pending), north_up,
+                            thumbnails, captioner)
 
     def commit(shard: int, outcomes: list, seconds: float) -> None:
         entry = build_shard(run, shard, outcomes, north_up=north_up, context=context, seconds=seconds, flavours=flavours)

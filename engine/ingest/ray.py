@@ -82,6 +82,7 @@ class ShardWorker:
         self.captioner = load_captioner(captions, config.device)
         self.flavours = flavour_names(captions)
         self.run = RunFolder(out)
+        self.thumbnails = self.run.load_manifest()["config"].get("thumbnails")  # the run's, as the local job reads it
         self.north_up = north_up
         self.context = context
 
@@ -90,7 +91,7 @@ class ShardWorker:
         for shard, encoded in zip(batch["shard"], batch["items"], strict=True):
             began = time.perf_counter()
             items = [InputItem(**{**fields, "keys": tuple(fields["keys"])}) for fields in json.loads(encoded)]
-            outcomes = list(embed_in_order(self.engine, items, self.north_up, self.captioner))
+            outcomes = list(embed_in_order(self.engine, items, self.north_up, self.thumbnails, self.captioner))
             entry = build_shard(self.run, int(shard), outcomes, north_up=self.north_up, context=self.context,
                                 seconds=time.perf_counter() - began, flavours=self.flavours)
             entries.append(json.dumps(entry))
@@ -114,7 +115,7 @@ def plan_actors(config: EngineConfig, resources: dict, actors: int | None) -> tu
 
 def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
                north_up: bool = False, quiet: bool = False, verify: bool = False, hash_inputs: bool = False,
-               address: str | None = None, actors: int | None = None, verbose: bool = False,
+               address: str | None = None, actors: int | None = None, verbose: bool = False, thumbnails: int | None = None,
                captions: CaptionSettings | None = None) -> dict:
     """``engine.ingest.job.ingest`` on Ray Data; connects to ``address`` (or the running Ray, or a new local one).
 
@@ -126,7 +127,7 @@ def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shar
     started = time.perf_counter()
     config = with_flavours(config, captions)
     run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
-                                        captions=captions)
+                                        thumbnails=thumbnails, captions=captions)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)

@@ -107,9 +107,11 @@ def write_json_atomic(path: Path, document: dict, *, indent: int | None = 1) -> 
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(document, indent=indent, default=str) + "\n"))
 
 
-def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int, captions=None) -> dict:
-    """Everything that changes what a shard holds: model and weights, views, vocabularies, the captioner
-    (``captions``, a CaptionSettings: its folder and files' size, decoding, flavours), code version.
+def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int, thumbnails: int | None = None,
+                       captions=None) -> dict:
+    """Everything that changes what a shard holds: model and weights, views, vocabularies, code version,
+    the thumbnails' size and the captioner (``captions``, a CaptionSettings: its folder and files' size,
+    decoding, flavours). Those two are keys only when the run asks for them, so runs without them hash as before.
 
     Batch size, device, decode workers, the decoded-bytes budget (``max_decode_mib``) and the engine
     (local or Ray) change how fast, not what, so they may differ between a run and its resumption.
@@ -138,7 +140,9 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int,
         "mimetic_version": __version__,
         "code_version": _code_version(),
     }
-    if captions is not None:  # a key only when the run captions, so runs without captions hash as before
+    if thumbnails is not None:
+        fingerprint["thumbnails"] = thumbnails
+    if captions is not None:
         fingerprint["captions"] = {
             "model": str(Path(captions.model).expanduser().resolve()),
             "model_bytes": _folder_bytes(Path(captions.model).expanduser()),

@@ -42,6 +42,7 @@ VIEWS_SCHEMA = pa.schema(
         ("lon", pa.float64()),
         _VIEW["embedding"],
         _VIEW["labels"],
+        _VIEW["thumbnail"],  # null unless the run keeps thumbnails (--thumbnails SIZE)
         ("caption", pa.string()),  # with --captions: the captioner's reading of the view; null otherwise
         ("prompt", pa.string()),  # with --captions: the interrogator prompt, the caption then each flavour's top label
     ]
@@ -127,6 +128,7 @@ def shard_tables(shard: int, outcomes: Sequence[tuple[InputItem, object]], north
         "embedding": embedding_lists(np.concatenate([r.embeddings.float().numpy() for _, r in done]) if done else np.zeros((0, dim))),
         "labels": label_lists([{name: reading["views"][k] for name, reading in r.readings.items()}
                                 for _, r in done for k in range(count)]),
+        "thumbnail": pa.array([r.thumbnails[k] if r.thumbnails else None for _, r in done for k in range(count)], pa.binary()),
         **_captions(done, count, flavours),
     }
     context = {**context, "embedding_dim": dim}

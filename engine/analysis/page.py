@@ -1,0 +1,244 @@
+"""The report page: one self-contained HTML file, offline and from ``file://``.
+
+plotly.js is inlined (``plotly.offline.get_plotlyjs``), and so are the style, the figures, the
+thumbnails (JPEG data: URIs) and the page's own script: the page asks nothing of any server. Figures
+are plotly figure dicts (``engine.analysis.figures``) drawn by ``Plotly.newPlot``. A panorama's
+thumbnail strip is stored once, keyed by its row, and placed wherever it is shown (the hover panel,
+the contact sheets, the queries).
+
+Everything that comes from the data (ids, labels, metadata, query texts) is escaped: as HTML text
+with ``html.escape``, and inside the JSON data block with ``</`` written ``<\\/`` so that no value
+can close the script element.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
+header{padding:18px 28px 8px;background:#fff;border-bottom:1px solid #ddd}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px} h3{font-size:15px;margin:18px 0 6px}
+nav a{margin-right:14px;color:#2a5db0;text-decoration:none} main{padding:0 28px 60px 28px;margin-right:340px}
+.warning{background:#b00020;color:#fff;padding:12px 28px;font-weight:600;font-size:15px}
+.note{color:#555;max-width:70em} .missing{color:#a33;font-size:12px;padding:4px}
+.controls{margin:6px 0} .controls label{margin-right:16px} select{font:inherit}
+.sheet{display:flex;flex-wrap:wrap;gap:10px;margin:4px 0 12px}
+.card{background:#fff;border:1px solid #ddd;padding:4px;max-width:420px}
+.card img{display:block;max-width:410px;height:auto} .card .cap{font-size:12px;color:#333;word-break:break-all}
+table.stats td,table.stats th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}
+#panel{position:fixed;right:0;top:0;bottom:0;width:320px;background:#fff;border-left:1px solid #ddd;padding:14px;overflow:auto;font-size:13px}
+#panel img{max-width:100%;display:block;margin-top:6px} .figure{background:#fff;border:1px solid #ddd}
+"""
+
+SCRIPT = """
+(function(){
+  const data = JSON.parse(document.getElementById('mimetic-data').textContent);
+  const config = {responsive: true, displaylogo: false};
+  const thumb = (row) => data.thumbs[row];
+  function fill(el){
+    const row = el.dataset.row, uri = thumb(row);
+    if (uri) { const img = document.createElement('img'); img.src = uri; img.alt = 'views of ' + el.dataset.id; el.prepend(img); }
+    else { const d = document.createElement('div'); d.className = 'missing'; d.textContent = data.missing[row] || 'no thumbnail kept for this panorama (--max-thumbnails)'; el.prepend(d); }
+  }
+  document.querySelectorAll('.thumb').forEach(fill);
+  const panel = document.getElementById('panel-body');
+  function show(ev){
+    const p = ev.points && ev.points[0]; if (!p || p.customdata === undefined) return;
+    const row = Array.isArray(p.customdata) ? p.customdata[0] : p.customdata;
+    panel.innerHTML = '';
+    // The panel's text is the page's own (escaped when written), kept once per panorama in data.hover.
+    const t = document.createElement('div'); t.innerHTML = data.hover[row] || ''; panel.appendChild(t);
+    if (p.text && !data.hover[row]) t.textContent = p.text;
+    else if (p.text) { const extra = document.createElement('div'); extra.innerHTML = p.text; panel.appendChild(extra); }
+    const uri = thumb(row);
+    if (uri) { const img = document.createElement('img'); img.src = uri; panel.appendChild(img); }
+    else { const d = document.createElement('div'); d.className = 'missing'; d.textContent = data.missing[row] || 'no thumbnail kept for this panorama (--max-thumbnails)'; panel.appendChild(d); }
+  }
+  function groups(fig){ return fig.data.map(t => (t.meta && t.meta.group) || null); }
+  function showGroups(div, fig, wanted){
+    const vis = groups(fig).map(g => g === null ? true : wanted.includes(g));
+    Plotly.restyle(div, {visible: vis});
+  }
+  for (const [name, fig] of Object.entries(data.figures)) {
+    const div = document.getElementById('fig-' + name); if (!div || !fig) continue;
+    Plotly.newPlot(div, fig.data, fig.layout, config).then(() => {
+      div.on('plotly_hover', show);  // div.on exists once the plot does
+      div.on('plotly_click', show);
+      div.setAttribute('data-drawn', '1');
+    });
+  }
+  function wire(name){
+    const fig = data.figures[name], div = document.getElementById('fig-' + name); if (!fig || !div) return;
+    const colour = document.getElementById(name + '-colour'), query = document.getElementById(name + '-query'),
+          views = document.getElementById(name + '-views');
+    const update = () => {
+      const wanted = [colour ? colour.value : ''];
+      if (query && query.value) wanted.push(query.value);
+      if (views && views.checked) wanted.push('views');
+      showGroups(div, fig, wanted);
+    };
+    [colour, query, views].forEach(el => el && el.addEventListener('change', update));
+  }
+  wire('map'); wire('umap');
+})();
+"""
+
+
+def _json(value) -> str:
+    """JSON safe inside a <script> element: no value can write "</script>"."""
+    return json.dumps(value, separators=(",", ":"), default=_default).replace("</", "<\\/")
+
+
+def _default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def card(row: int, item_id: str, caption: str) -> str:
+    """A contact-sheet card: the panorama's thumbnail strip (filled in by the page's script) and a caption."""
+    return (f'<div class="card thumb" data-row="{row}" data-id="{esc(item_id)}"><div class="cap"><b>{esc(item_id)}</b> '
+            f"{esc(caption)}</div></div>")
+
+
+def controls(name: str, options: list[tuple[str, str]], queries: list[tuple[str, str]] = (), views: bool = False) -> str:
+    parts = [f'<div class="controls"><label>colour by <select id="{name}-colour">']
+    parts += [f'<option value="{esc(value)}">{esc(text)}</option>' for value, text in options]
+    parts.append("</select></label>")
+    if queries:
+        parts.append(f'<label>query circles <select id="{name}-query"><option value="">none</option>')
+        parts += [f'<option value="{esc(value)}">{esc(text)}</option>' for value, text in queries]
+        parts.append("</select></label>")
+    if views:
+        parts.append(f'<label><input type="checkbox" id="{name}-views"> views too</label>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def figure_div(name: str, height: int = 0) -> str:
+    style = f' style="min-height:{height}px"' if height else ""
+    return f'<div class="figure" id="fig-{esc(name)}"{style}></div>'
+
+
+def document_html(title: str, header: str, sections: list[tuple[str, str, str]], data: dict, warning: str | None = None) -> str:
+    """The whole page: ``sections`` are (anchor, title, inner HTML); ``data`` goes to the script as JSON."""
+    from plotly.offline import get_plotlyjs
+
+    plotly_js = get_plotlyjs().replace("</script", "<\\/script")
+    nav = " ".join(f'<a href="#{esc(anchor)}">{esc(heading)}</a>' for anchor, heading, _ in sections)
+    body = "".join(f'<section id="{esc(anchor)}"><h2>{esc(heading)}</h2>{inner}</section>' for anchor, heading, inner in sections)
+    banner = f'<div class="warning" id="warning">{esc(warning)}</div>' if warning else ""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
+        f"<style>{STYLE}</style><script>{plotly_js}</script></head><body>{banner}"
+        f"<header><h1>{esc(title)}</h1>{header}<nav>{nav}</nav></header>"
+        f'<aside id="panel"><b>Hover a point</b><div id="panel-body" class="note">its id, labels and views appear here</div></aside>'
+        f"<main>{body}</main>"
+        f'<script type="application/json" id="mimetic-data">{_json(data)}</script><script>{SCRIPT}</script></body></html>\n'
+    )
+
+
+RANDOM_WARNING = ("This report was made with RANDOM, UNTRAINED weights (--random-weights): every label, score, UMAP and "
+                  "correlation on this page is meaningless. Only the machinery is real.")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def correlation_html(c: dict | None, against: str | None) -> str:
+    if c is None:
+        return ('<p class="note">No column to compare with: pass <code>--against COLUMN</code> (a metadata column, joined at '
+                "report time with <code>--metadata FILE</code>), e.g. a building's year of construction.</p>")
+    values = ", ".join(f"{esc(label)} = {value:g}" for label, value in zip(c["labels"], c["values"], strict=True))
+    left = c["left_out"]
+    explain = (f'<p class="note">Each panorama\'s <b>expected value</b> on <b>{esc(c["scale"])}</b> is Σ p(label) · value(label), '
+               f"with p the softmax(100 · cos) of its pooled embedding over the prompts “{esc(c['template'])}”; values: {values}. "
+               f"It is compared with <b>{esc(c['column'])}</b> by Spearman's ρ.</p>")
+    rows = [("column", esc(c["column"])), ("scale", esc(c["scale"])), ("n (pairs)", c["n"]),
+            ("left out", f"{left['total']} ({left['missing']} without a value, {left['not_numeric']} not a number)")]
+    if c["spearman"] is None:
+        return explain + _table(rows) + f'<p class="missing" id="no-statistic">No statistic: {esc(c["reason"])}.</p>'
+    ci = c["ci95"]
+    rows += [("Spearman ρ", f"{c['spearman']:.3f}"),
+             ("95% CI", f"[{ci[0]:.3f}, {ci[1]:.3f}] (bootstrap, {c['bootstrap']['method']}, {c['bootstrap']['resamples']} resamples, paired)"
+              if ci else esc(c["reason"])),
+             ("p (two-sided)", f"{c['p_value']:.2g} ({c['permutations']} seeded permutations, seed {c['seed']})")]
+    return explain + _table(rows) + figure_div("scatter", 480)
+
+
+def _table(rows) -> str:
+    return '<table class="stats">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+def write(path: Path, document: dict, figs: dict, *, corpus, hover, strips: dict, missing: dict, sheets: dict, queries: list) -> Path:
+    """The panorama report (map, labels, UMAP, correlation, queries) as ``path``."""
+    n = document["panoramas"]["n"]
+    vocabs = document["vocabularies"]
+    colour = [(f"vocabulary:{name}", f"top label: {name}") for name in vocabs]
+    colour += [(f"numeric:{name}", name) for name in ([document["parameters"]["against"]] if document["correlation"] else [])]
+    colour += [(f"numeric:expected {document['scale']['vocabulary']} value", f"expected {document['scale']['vocabulary']} value")]
+    query_options = [(f"query:{k}", q["text"]) for k, q in enumerate(document["queries"])]
+    sections = []
+    p = document["panoramas"]
+    if not n:
+        sections.append(("empty", "Nothing to show", f'<p class="missing" id="empty">The target holds no embedded panorama '
+                                                    f"({p['failed']} failed). Nothing to map, read or correlate.</p>"))
+    else:
+        if figs["map"] is None:
+            inner = ('<p class="missing" id="no-map">No panorama has coordinates (lat/lon), so there is no map. Give them '
+                     "with --metadata FILE (lat/lon columns or a GeoJSON point, matched by id).</p>")
+        else:
+            inner = (controls("map", colour, query_options) + figure_div("map", 560)
+                     + f'<p class="note">{p["with_coordinates"]} of {n} panoramas have coordinates'
+                     + ("" if document["parameters"]["tiles"] else "; offline, no basemap (--tiles URL adds one)") + ". "
+                     "Query circles: green the top, red the bottom of the ranking.</p>")
+        sections.append(("map", "Map", inner))
+        label_html = []
+        for name, vocab in vocabs.items():
+            label_html.append(f"<h3>{esc(name)}</h3>" + figure_div(f"labels-{name}"))
+            for entry in vocab["top"]:
+                members = sheets[name][vocab["labels"].index(entry["label"])]
+                cards = "".join(card(r, corpus.ids[r], f"p = {e['probability']:.3f}") for r, e in zip(members, entry["panoramas"], strict=True))
+                label_html.append(f"<details><summary>{esc(entry['label'])}: the {len(members)} highest-scoring panoramas</summary>"
+                                  f'<div class="sheet">{cards}</div></details>')
+        sections.append(("labels", "Labels", "".join(label_html)))
+        u = document["umap"]
+        sections.append(("umap", "UMAP", controls("umap", colour, views="views" in u) + figure_div("umap", 560)
+                         + f'<p class="note">{esc(u["method"])} of {u["n"]} pooled embeddings (cosine; seed {u.get("seed", "–")}'
+                         f'{"; the views included" if "views" in u else ""}).</p>'))
+        sections.append(("correlation", "Correlation with history", correlation_html(document["correlation"], document["parameters"]["against"])))
+        query_html = []
+        for q, query in zip(document["queries"], queries, strict=True):
+            for side, rows in (("top", query["positive"]), ("bottom", query["negative"])):
+                entries = q[side]
+                cards = "".join(card(r, e["id"], f"#{e['rank']} score {e['score']:+.4f}") for r, e in zip(rows, entries, strict=True))
+                query_html.append(f"<h3>“{esc(q['text'])}”: {side} {len(entries)}</h3><div class=\"sheet\">{cards}</div>")
+        sections.append(("queries", "Queries", "".join(query_html) or '<p class="note">No --query given.</p>'))
+    header = (f'<p class="note">{esc(document["target"])}: {n} panoramas ({p["failed"]} failed), '
+              f'{esc(document["engine_config"].get("clip_model"))}, views {esc(document["engine_config"].get("views"))}; '
+              f"every number here is in report.json. mimetic {esc(document['mimetic_version'])}, {esc(document['created'])}.</p>")
+    figures_data = {"map": figs["map"], "umap": figs["umap"], "scatter": figs["scatter"],
+                    **{f"labels-{name}": fig for name, fig in figs["labels"].items()}}
+    data = {"figures": figures_data, "hover": {str(r): text for r, text in hover.items()},
+            "thumbs": {str(r): uri for r, uri in strips.items()},
+            "missing": {str(r): reason for r, reason in missing.items()}}
+    warning = RANDOM_WARNING if document["random_weights"] else None
+    page_html = document_html(f"mimetic report: {Path(document['target']).name}", header, sections, data, warning)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page_html, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,77 @@
+"""The report in a real browser: headless Chromium (Debian's ``chromium``; ``.ci/run`` installs it) loads the
+page from ``file://`` with no console error and no network request, draws the map, the UMAP and the scatter,
+shows a panorama's thumbnails on hover, and takes a screenshot.
+
+Without Chromium the tests are skipped on a developer's machine, and fail under CI (``CI`` set), where a
+skipped browser test would hide a broken page.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from engine.analysis import ReportOptions, build_report
+from engine.analysis.browser import find_browser, open_page
+from engine.ingest.job import ingest
+from engine.models.tiny import make_tiny_clip
+
+from .test_ingest import build_dump, small, tiny_engine
+
+if find_browser() is None:
+    if os.environ.get("CI"):
+        pytest.fail("no Chromium: .ci/run installs it with apt-get install -y chromium", pytrace=False)
+    pytest.skip("no Chromium here (apt-get install chromium)", allow_module_level=True)
+
+# A real mouse move over the first point of the map, on plotly's drag layer, where a person's mouse lands;
+# the panel is read a moment later (plotly throttles hover events).
+HOVER = """new Promise(done => {
+  const div = document.getElementById('fig-map');
+  div.scrollIntoView();
+  const trace = div.data[0], layout = div._fullLayout, drag = div.querySelector('.nsewdrag');
+  const box = drag.getBoundingClientRect();
+  drag.dispatchEvent(new MouseEvent('mousemove', {clientX: box.left + layout.xaxis.l2p(trace.x[0]),
+                                                  clientY: box.top + layout.yaxis.l2p(trace.y[0]), bubbles: true}));
+  setTimeout(() => {
+    const panel = document.getElementById('panel-body');
+    done(JSON.stringify({images: panel.querySelectorAll('img').length, text: panel.innerText}));
+  }, 300);
+})"""
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, louvre, jordan_pond):
+    root = tmp_path_factory.mktemp("browser")
+    engine = tiny_engine(f"local-dir:{make_tiny_clip(root / 'models')}")
+    dump, metadata, expected = build_dump(root, [small(louvre), small(jordan_pond)], count=8)
+    ingest(dump, root / "run", engine=engine, metadata=[metadata], shard_size=4, quiet=True, thumbnails=32)
+    ages = root / "ages.csv"
+    ages.write_text("key,year_built\n" + "".join(f"{row['key']},{1500 + 40 * k}\n" for k, row in enumerate(expected.values())))
+    options = ReportOptions(queries=["a baroque church"], against="year_built", metadata=[ages], top=2, quiet=True)
+    build_report(root / "run", root / "report", options, engine=engine)
+    return open_page(root / "report" / "index.html", screenshot=root / "report.png", evaluate=[HOVER])
+
+
+def test_the_page_loads_from_file_with_no_console_error_and_no_request(page):
+    assert page.url.startswith("file://")
+    assert page.errors == []
+    assert page.requests == []
+
+
+def test_the_map_the_umap_and_the_scatter_are_drawn(page):
+    assert {"fig-map", "fig-umap", "fig-scatter"} <= set(page.drawn)
+    assert set(page.drawn) == set(page.figures)  # every figure on the page, the label distributions too
+    assert "Spearman ρ" in page.text and "RANDOM" not in page.text  # the tiny model's weights are its file's
+
+
+def test_hovering_a_point_shows_its_id_and_its_thumbnails(page):
+    import json
+
+    shown = json.loads(page.values[0])
+    assert shown["images"] == 1 and "seq-" in shown["text"]
+
+
+def test_a_screenshot_is_taken(page):
+    data = page.screenshot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
