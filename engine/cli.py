@@ -253,7 +253,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, only=None, exclude=
             group.add_argument(flag, dest=spec.name, type=kind, default=default, help=f"{text} (default {default})")
         else:
             shown = f" (default {default})" if default is not None else ""
-            group.add_argument(flag, dest=spec.name, default=default, help=text + shown)
+            group.add_argument(flag, dest=spec.name, default=default, choices=spec.metadata.get("choices"), help=text + shown)
 
 
 def config_from_args(args: argparse.Namespace):

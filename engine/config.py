@@ -26,6 +26,7 @@ class EngineConfig:
     clip_weights: str | None = field(default=None, metadata={"help": "a local .safetensors/.bin checkpoint, or an open_clip pretrained tag in the local cache"})
     random_weights: bool = field(default=False, metadata={"help": "build the architecture untrained, for benchmarks and offline demos: readings are meaningless"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when there is one)"})
+    precision: str = field(default="auto", metadata={"help": "the models' dtype: auto (fp16 on CUDA, bf16 on a CPU with native bf16, AMX or AVX512-BF16, else fp32) | fp32 | bf16 | fp16", "choices": ("auto", "fp32", "bf16", "fp16")})
     attention: str = field(default="auto", metadata={"help": "attention backend: auto | sdpa | xformers"})
     batch_size: int = field(default=256, metadata={"help": "views per model call"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the image tower (slow to start, faster on long runs)"})

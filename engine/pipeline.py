@@ -122,6 +122,7 @@ class Engine:
             attention=config.attention,
             compile=config.compile,
             seed=config.seed,
+            precision=config.precision,
         )
         self.device = self.clip.device
         height, width = self.clip.image_size
@@ -147,7 +148,7 @@ class Engine:
     def add_vocabulary(self, name_or_path: str) -> Vocabulary:
         """Load a bundled or user vocabulary and cache its label embeddings for this model."""
         vocabulary = load_vocabulary(name_or_path)
-        model_key = f"{self.clip.name}|{self.clip.weights}"
+        model_key = f"{self.clip.name}|{self.clip.weights}|{self.clip.precision}"  # bf16 labels differ from fp32 ones
         embeddings = self._text_cache.get(model_key, vocabulary, self.clip.encode_text)
         self.vocabularies[vocabulary.name] = vocabulary
         self._label_embeddings[vocabulary.name] = embeddings.to(self.device, torch.float32)
@@ -445,7 +446,7 @@ class Engine:
         views = embeddings.float()
         pooled = torch.nn.functional.normalize(views.mean(dim=1), dim=1)
         readings = {name: self._read(name, views, pooled) for name in self.vocabularies}
-        embeddings, pooled_out = embeddings.cpu(), pooled.to(self.clip.dtype).cpu()
+        embeddings, pooled_out = embeddings.cpu(), pooled.to(self.clip.embedding_dtype).cpu()
         return [
             EmbedResult(
                 id=item.id,
@@ -497,6 +498,9 @@ class Engine:
             },
             "device": str(self.device),
             "dtype": str(self.clip.dtype).removeprefix("torch."),
+            "precision": self.clip.precision,  # what --precision resolved to, and why
+            "precision_reason": self.clip.precision_reason,
+            "embedding_dtype": str(self.clip.embedding_dtype).removeprefix("torch."),
             "attention": self.clip.attention,
             "reprojection": {
                 "backend": "triton" if self.device.type == "cuda" else "numba",

@@ -22,7 +22,7 @@ import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-OUT_DTYPES = (torch.float16, torch.float32, torch.uint8)
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.uint8)
 LAYOUTS = ("NCHW", "NHWC")
 
 

@@ -18,6 +18,9 @@ from PIL import Image
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if TRITON_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite compares models with fp32 references (open_clip's own, HF's own): "auto" means fp32 here
+# on any CPU, bf16 or not. tests/test_precision.py runs bf16 and auto's own choice explicitly.
+os.environ.setdefault("MIMETIC_PRECISION", "fp32")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PANORAMAS = Path(__file__).resolve().parents[2] / "shared" / "panoramas"

@@ -37,3 +37,23 @@ def test_vector_runs_match_the_reference_at_the_seam_and_pole(louvre):
     expected = reproject_reference(pano, [view], antialias=True)[0]
     got = reproject([torch.from_numpy(pano)], [view], antialias=True)[0, 0].numpy().astype(np.float64) * 255
     assert np.abs(got - expected).max() <= 0.255  # the 1e-3 of tests/test_backends.py, in levels
+
+
+def test_projection_grid_is_made_once_per_view_set_and_never_mixed_up(louvre):
+    """The Numba path keeps pass 1's grid per view set: a second call finds it, another view set (or size,
+    or antialias) gets its own, and the output is the same as from a fresh grid."""
+    from kernels import numba_kernel
+
+    pano = torch.from_numpy(louvre[::4, ::4].copy())
+    ring = [ViewSpec(yaw=45.0 * k, pitch=10.0, fov=80.0, width=32, height=24) for k in range(4)]
+    tilted = [ViewSpec(yaw=45.0 * k, pitch=-35.0, roll=20.0, fov=80.0, width=32, height=24) for k in range(4)]
+    numba_kernel._GRIDS.clear()
+    first = reproject([pano], ring, backend="numba")
+    assert len(numba_kernel._GRIDS) == 1  # four yaws, one shape: one grid
+    other = reproject([pano], tilted, backend="numba")
+    plain = reproject([pano], ring, backend="numba", antialias=False)
+    assert len(numba_kernel._GRIDS) == 3
+    again = reproject([pano], ring, backend="numba")
+    assert torch.equal(first, again) and not torch.equal(first, other) and not torch.equal(first, plain)
+    numba_kernel._GRIDS.clear()  # a fresh grid gives the same views
+    assert torch.equal(reproject([pano], tilted, backend="numba"), other)

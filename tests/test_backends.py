@@ -119,3 +119,16 @@ def test_panoramas_are_read_in_place_through_strides():
     for backend, device in (("numba", "cpu"), ("triton", TRITON_DEVICE)):
         got = reproject([strided.to(device)], views, backend=backend).cpu()
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_triton_footprints_wider_than_one_chunk_of_columns_match_the_reference(monkeypatch):
+    """The Triton kernel reads columns in chunks of 8 taps: footprints of ~20 columns (3 chunks) and a pole's
+    (every longitude) must sum every chunk once."""
+    pano = np.random.default_rng(7).integers(0, 256, (128, 256, 3), dtype=np.uint8)
+    views = [ViewSpec(yaw=170.0, pitch=20.0, roll=15.0, fov=120.0, width=6, height=4),
+             ViewSpec(yaw=-30.0, pitch=90.0, fov=100.0, width=6, height=4)]
+    expected = reference([pano], views, [0.0], True)
+    poisoned_empty(monkeypatch)
+    out = reproject([torch.from_numpy(pano).to(TRITON_DEVICE)], views, backend="triton").cpu()
+    error = np.abs(out.numpy() - expected).max()
+    assert error <= 1e-3, f"max |out - reference| = {error:.2e}"

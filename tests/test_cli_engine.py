@@ -57,6 +57,7 @@ def test_demo_runs_offline_on_the_synthetic_street(tiny_dir, tmp_path):
 ENGINE_FLAGS = (
     "--views", "--clip-model", "--clip-weights", "--random-weights", "--device", "--attention", "--batch-size", "--compile",
     "--vocabularies", "--top-k", "--no-antialias", "--decode-workers", "--max-pixels", "--max-decode-mib", "--seed",
+    "--precision",
 )
 
 
@@ -72,12 +73,12 @@ def test_engine_flags_are_all_on_the_command_line():
         "embed", "p.jpg", "--out", "r.parquet", "--views", "cube6", "--clip-model", "local-dir:m", "--clip-weights", "w.bin",
         "--random-weights", "--device", "cpu", "--attention", "sdpa", "--batch-size", "7", "--compile", "--vocabularies",
         "styles, urban", "--top-k", "2", "--no-antialias", "--decode-workers", "3", "--max-pixels", "1000",
-        "--max-decode-mib", "64", "--seed", "9",
+        "--max-decode-mib", "64", "--seed", "9", "--precision", "bf16",
     ])
     assert cli.config_from_args(given) == EngineConfig(
         views="cube6", clip_model="local-dir:m", clip_weights="w.bin", random_weights=True, device="cpu", attention="sdpa",
         batch_size=7, compile=True, vocabularies=("styles", "urban"), top_k=2, antialias=False, decode_workers=3,
-        max_pixels=1000, max_decode_mib=64, seed=9,
+        max_pixels=1000, max_decode_mib=64, seed=9, precision="bf16",
     )
 
 

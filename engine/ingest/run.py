@@ -134,6 +134,7 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int,
         "vocabularies": vocabularies,
         "top_k": config.top_k,
         "antialias": config.antialias,
+        "precision": config.precision,  # bf16 or fp16 embeddings differ from fp32 ones in the 3rd decimal
         "max_pixels": config.max_pixels,
         "north_up": north_up,
         "shard_size": shard_size,

@@ -19,7 +19,7 @@ Decoding is deterministic: beam search (``beams``, 1 is greedy) without sampling
 ``max_tokens`` new tokens. A batch's captions do not depend on what else is in the batch beyond the
 floating-point rounding of batched matrix products.
 
-On CUDA: fp16 weights; on the CPU: fp32 (``dtype`` overrides both).
+``precision`` (default auto): fp16 on CUDA, bf16 on a CPU with native bf16, fp32 elsewhere (``dtype`` overrides it).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS
-from engine.models.device import package_versions, resolve_device
+from engine.models.device import DTYPES, package_versions, resolve_device, resolve_precision
 from kernels import ViewSpec, reproject
 
 DEFAULT_BEAMS, DEFAULT_MAX_TOKENS = DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS
@@ -62,11 +62,17 @@ class Captioner:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         batch_size: int = 16,
         dtype: torch.dtype | None = None,
+        precision: str = "auto",
     ):
         check_generation(beams, max_tokens)
         self.folder = check_folder(folder)
         self.device = resolve_device(device)
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if dtype is not None:  # an explicit dtype wins, as before precision existed
+            self.precision = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+            self.precision_reason = "asked for (dtype)"
+        else:
+            self.precision, self.precision_reason = resolve_precision(precision, self.device)
+        self.dtype = dtype or DTYPES[self.precision]
         self.beams, self.max_tokens, self.batch_size = beams, max_tokens, batch_size
         self.model, self.processor = _load(self.folder, self.dtype)
         self.model.to(self.device).eval()
@@ -85,6 +91,8 @@ class Captioner:
             "architecture": self.architecture,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
             "image_size": list(self.image_size),
             "mean": list(self.mean),
             "std": list(self.std),

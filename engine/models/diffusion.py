@@ -16,7 +16,8 @@ folder has what it has. A safety checker that is in the folder runs, and its fla
 On CUDA: fp16 weights, channels_last UNet and VAE, optionally ``torch.compile`` of the UNet, and
 attention through xformers (``enable_xformers_memory_efficient_attention``) when it is installed,
 otherwise PyTorch SDPA (diffusers' ``AttnProcessor2_0``). ``Dreamer.attention`` says which one is
-installed, read back from the UNet's processors. On the CPU: fp32 and SDPA.
+installed, read back from the UNet's processors. On the CPU: SDPA, in bf16 where the CPU has
+native bf16 and fp32 elsewhere (``precision``, default auto: ``engine.models.device.resolve_precision``).
 
 Seeds: every item of a batch has its own ``torch.Generator`` (on the CPU, so a seed gives the same
 noise on any device), so an item's image depends on its seed, not on what else is in the batch.
@@ -41,7 +42,7 @@ import torch
 
 from engine.models.attention import BACKENDS as ATTENTION_BACKENDS
 from engine.models.attention import xformers_available
-from engine.models.device import package_versions, resolve_device
+from engine.models.device import DTYPES, package_versions, resolve_device, resolve_precision
 from kernels import ViewSpec, reproject
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class Dreamer:
         attention: str = "auto",
         compile: bool | str = False,
         size: int | None = None,
+        precision: str = "auto",
     ):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
@@ -132,7 +134,9 @@ class Dreamer:
             check_size(size)
         self.folder = _check_folder(folder)
         self.device = resolve_device(device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # fp16 on CUDA, bf16 on a CPU with native bf16, fp32 elsewhere (engine.models.device.resolve_precision)
+        self.precision, self.precision_reason = resolve_precision(precision, self.device)
+        self.dtype = DTYPES[self.precision]
         options = _absent_optional(self.folder)
         if importlib.util.find_spec("accelerate") is None:
             options["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, without its warning
@@ -201,6 +205,8 @@ class Dreamer:
             "scheduler": type(self.scheduler).__name__,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
             "attention": self.attention,
             "compile": self.compiled,
             "size": self.size,
