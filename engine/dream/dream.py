@@ -27,7 +27,7 @@ from engine.dream.params import DreamParams, label_vocabularies, prompt_from_lab
 from engine.models.diffusion import Dreamer
 from engine.pipeline import Engine, Panorama
 from engine.results import file_stems
-from engine.types import error_message, item_meta
+from engine.types import Prepared, error_message, item_meta
 from kernels import ViewSpec
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,49 +88,104 @@ def dream_iter(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], 
                progress: Progress | None = None) -> Iterator[DreamResult]:
     """Like ``dream``, yielding each panorama's result as soon as its group is done. Parameters are
     checked here, at the call, not at the first result."""
+    plan = _plan(engine, params)
+    return _dream_groups(engine, dreamer, iter(panoramas), plan, progress or _no_progress)
+
+
+# What must agree for views to share a diffusion call: the rest (prompt, labels, template, seed) is per view.
+DIFFUSION_FIELDS = ("strength", "steps", "guidance", "negative_prompt", "trajectory_every", "batch_size")
+
+
+def diffusion_key(params: DreamParams) -> tuple:
+    return tuple(getattr(params, name) for name in DIFFUSION_FIELDS)
+
+
+def dream_width(engine: Engine, dreamer: Dreamer) -> int:
+    """The width to decode a panorama at for ``dream`` (``Engine.prepare(..., min_width=...)``): what the
+    model's views need."""
+    return required_width(dreamer.views(engine.views))
+
+
+def dream_batch(engine: Engine, dreamer: Dreamer, items: Sequence[tuple[Panorama | Prepared, DreamParams]],
+                progress: Progress | None = None) -> list[DreamResult]:
+    """Dream panoramas that each bring their own parameters (prompt or labels, template, seed) in shared
+    diffusion calls, as ``dream`` dreams one run's: a server's requests from several streams, batched.
+
+    Every item's parameters must agree on ``DIFFUSION_FIELDS`` (a ValueError otherwise) and are checked
+    here. An item may be a ``Prepared`` already decoded (``Engine.prepare(..., min_width=dream_width(...),
+    host=True)`` then ``Engine.decode``): it is checked and decoded no more. Each view's generator is
+    seeded by its own item, so a view dreams the same whatever else is in the call. Results in input
+    order, a failed item in place with ``error``. ``progress`` as for ``dream``; an exception it raises
+    stops the diffusion call at that step and leaves this function with it.
+    """
+    if not items:
+        return []
+    keys = {diffusion_key(params) for _, params in items}
+    if len(keys) > 1:
+        raise ValueError(f"one diffusion call needs the same {', '.join(DIFFUSION_FIELDS)} for every item, got {sorted(keys, key=str)}")
+    plans = [_plan(engine, params) for _, params in items]
+    return _dream_group(engine, dreamer, [item for item, _ in items], plans, dream_width(engine, dreamer), progress or _no_progress)
+
+
+@dataclass
+class _Plan:
+    """One item's parameters, checked, with the vocabularies and template its prompts come from."""
+
+    params: DreamParams
+    vocabularies: dict
+    template: str | None
+
+
+def _plan(engine: Engine, params: DreamParams) -> _Plan:
     vocabularies = params.check()
     for vocabulary in vocabularies.values():
         if engine.vocabularies.get(vocabulary.name) != vocabulary:
             engine.add_vocabulary(vocabulary)
-    template = params.resolved_template(vocabularies)
-    return _dream_groups(engine, dreamer, iter(panoramas), params, vocabularies, template, progress or _no_progress)
+    return _Plan(params, vocabularies, params.resolved_template(vocabularies))
 
 
-def _dream_groups(engine, dreamer, panoramas, params, vocabularies, template, progress) -> Iterator[DreamResult]:
+def _dream_groups(engine, dreamer, panoramas, plan: _Plan, progress) -> Iterator[DreamResult]:
     views = dreamer.views(engine.views)
     # A group is as many panoramas as fill one diffusion batch with their views (at least one).
-    group_size = max(1, params.batch_size // len(views))
+    group_size = max(1, plan.params.batch_size // len(views))
     min_width = required_width(views)
     group: list[Panorama] = []
     for item in panoramas:
         group.append(item)
         if len(group) == group_size:
-            yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
+            yield from _dream_group(engine, dreamer, group, [plan] * len(group), min_width, progress)
             group = []
     if group:
-        yield from _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress)
+        yield from _dream_group(engine, dreamer, group, [plan] * len(group), min_width, progress)
 
 
-def _dream_group(engine, dreamer, group, params, vocabularies, template, min_width, progress) -> list[DreamResult]:
+def _decoded(engine: Engine, item, min_width: int) -> Prepared:
+    if isinstance(item, Prepared) and item.pixels is not None:
+        return item  # the caller's input stage ran already (a server's decode pool)
+    return engine.decode(engine.prepare(item, min_width=min_width, host=True))
+
+
+def _dream_group(engine, dreamer, group, plans: list[_Plan], min_width, progress) -> list[DreamResult]:
     # Decode each panorama once, for CLIP and SD alike, through the Engine's input stage (into host arrays,
     # at the width the SD views need); a failure stays with its item (by position).
     decoded, failed = [], {}
     for k, item in enumerate(group):
         try:
-            decoded.append((k, item, engine.decode(engine.prepare(item, min_width=min_width, host=True))))
+            decoded.append((k, item, _decoded(engine, item, min_width)))
         except (DecodeError, ValueError, TypeError) as exc:
             failed[k] = error_message(item, exc)
 
     # Prompts: one for every view, or each view's top label per vocabulary, read by the engine from its own
     # views (the prepared panoramas are checked no more).
     readings = {}
-    if vocabularies and decoded:
-        seen = engine.embed([prepared for _, _, prepared in decoded])
-        for (k, _, _), result in zip(decoded, seen, strict=True):
+    labelled = [entry for entry in decoded if plans[entry[0]].vocabularies]
+    if labelled:
+        seen = engine.embed([prepared for _, _, prepared in labelled])
+        for (k, _, _), result in zip(labelled, seen, strict=True):
             if result.error:
                 failed[k] = result.error
             else:
-                readings[k] = {key: result.readings[v.name]["views"] for key, v in vocabularies.items()}
+                readings[k] = {key: result.readings[v.name]["views"] for key, v in plans[k].vocabularies.items()}
         decoded = [entry for entry in decoded if entry[0] not in failed]
     count = len(engine.views)
     if failed:
@@ -138,13 +193,15 @@ def _dream_group(engine, dreamer, group, params, vocabularies, template, min_wid
     if not decoded:
         return [_failed(item, failed[k]) for k, item in enumerate(group)]
 
-    labels, prompts = [], []
+    labels, prompts, seeds = [], [], []
     for k, _, _ in decoded:
+        plan = plans[k]
         for n in range(count):
             top = {name: per_view[n] for name, per_view in readings.get(k, {}).items()}
             labels.append(top)
-            prompts.append(params.prompt if template is None else prompt_from_labels(template, {v: top[v][0][0] for v in top}))
-    seeds = [params.seed] * len(prompts)
+            prompts.append(plan.params.prompt if plan.template is None else prompt_from_labels(plan.template, {v: top[v][0][0] for v in top}))
+            seeds.append(plan.params.seed)
+    params = plans[decoded[0][0]].params  # the diffusion parameters every item shares
 
     # The same views the engine cuts, at the model's size, [-1, 1]; img2img across panoramas, batch by batch.
     rendered = dreamer.render(

@@ -111,7 +111,7 @@ def add_parsers(commands) -> None:
     group.add_argument("--max-queue", type=positive_int, default=defaults.max_queue,
                        help=f"items waiting for a batch, over every stream (default {defaults.max_queue})")
     group.add_argument("--max-streams", type=positive_int, default=defaults.max_streams,
-                       help=f"Embed and Dream streams open at once; more are refused (default {defaults.max_streams}; health "
+                       help=f"Embed, Dream and Caption streams open at once; more are refused (default {defaults.max_streams}; health "
                        "checks and reflection are not counted)")
     group.add_argument("--idle-timeout", type=_positive_float, default=defaults.idle_timeout_s, metavar="S",
                        help=f"end a stream that has nothing in flight and sends nothing for S seconds (default {defaults.idle_timeout_s:g})")
@@ -123,6 +123,7 @@ def add_parsers(commands) -> None:
     _add_token_arguments(group)
     group.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     group.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    _add_generation_arguments(serve, defaults)
 
     call = commands.add_parser("call", help="call a running mimetic server (embed files, print its info)")
     actions = call.add_subparsers(dest="call_command", metavar="ACTION", required=True)
@@ -150,6 +151,32 @@ def add_parsers(commands) -> None:
         )
 
 
+def _add_generation_arguments(serve, defaults) -> None:
+    """Dream (--sd-model) and Caption (--caption-model): the models, their limits and their batching."""
+    from engine.config import DEFAULT_CAPTION_BEAMS, DEFAULT_CAPTION_MAX_TOKENS
+
+    dream = serve.add_argument_group("dream (Stable Diffusion)")
+    dream.add_argument("--sd-model", default=None, metavar="DIR", help="serve Dream with this local diffusers folder (default: Dream is not served)")
+    dream.add_argument("--size", type=positive_int, default=None, help="dream image side in pixels, a multiple of 8 (default: the model's own)")
+    dream.add_argument("--max-dream-steps", type=positive_int, default=defaults.max_dream_steps,
+                       help=f"most denoising steps a dream may ask for (default {defaults.max_dream_steps})")
+    dream.add_argument("--max-dream-views", type=positive_int, default=defaults.max_dream_views,
+                       help=f"most views per dream (default {defaults.max_dream_views})")
+    dream.add_argument("--max-dream-batch", type=positive_int, default=defaults.max_dream_batch,
+                       help=f"images per diffusion call, from every stream (default {defaults.max_dream_batch})")
+    dream.add_argument("--max-dream-delay-ms", type=_non_negative_float, default=defaults.max_dream_delay_ms,
+                       help=f"the longest a diffusion call's first item waits for others (default {defaults.max_dream_delay_ms:g})")
+    caption = serve.add_argument_group("caption")
+    caption.add_argument("--caption-model", default=None, metavar="DIR",
+                         help="serve Caption with this local transformers captioner folder (default: Caption is not served)")
+    caption.add_argument("--caption-beams", type=positive_int, default=DEFAULT_CAPTION_BEAMS,
+                         help=f"beam search width, and the most a request may ask for (default {DEFAULT_CAPTION_BEAMS})")
+    caption.add_argument("--caption-max-tokens", type=positive_int, default=DEFAULT_CAPTION_MAX_TOKENS,
+                         help=f"longest caption in tokens, and the most a request may ask for (default {DEFAULT_CAPTION_MAX_TOKENS})")
+    caption.add_argument("--max-caption-batch", type=positive_int, default=defaults.max_caption_batch,
+                         help=f"views per captioner call, from every stream (default {defaults.max_caption_batch})")
+
+
 def run(args: argparse.Namespace) -> int | None:
     if args.command == "serve":
         return cmd_serve(args)
@@ -168,11 +195,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_delay_ms=args.max_delay_ms, max_in_flight=args.max_in_flight, max_queue=args.max_queue,
         max_streams=args.max_streams, idle_timeout_s=args.idle_timeout, max_message_bytes=args.max_message_mb * 2**20,
         grace_s=args.grace, token=token_from_args(args), tls_cert=str(args.tls_cert) if args.tls_cert else None,
-        tls_key=str(args.tls_key) if args.tls_key else None,
+        tls_key=str(args.tls_key) if args.tls_key else None, max_dream_steps=args.max_dream_steps,
+        max_dream_views=args.max_dream_views, max_dream_batch=args.max_dream_batch, max_dream_delay_ms=args.max_dream_delay_ms,
+        max_caption_batch=args.max_caption_batch,
     )
     config.check()  # a bad setting is one line and exit status 2 (the root command's handler)
     engine_config = config_from_args(args)
-    status = serve(config, lambda: Engine(engine_config))
+    dreamer = captioner = None
+    if args.sd_model:  # built while the server loads (health NOT_SERVING), as mimetic dream builds it
+        from engine.dream.cli import _dreamer
+
+        dreamer = lambda: _dreamer(args, engine_config)  # noqa: E731
+    elif args.size is not None:
+        raise ValueError("--size is the dream image side: it needs --sd-model")
+    if args.caption_model:
+        from engine.dream.caption_cli import _captioner
+
+        captioner = _captioner(args, engine_config.device)  # checks beams and length now; loads in the server
+    status = serve(config, lambda: Engine(engine_config), dreamer=dreamer, captioner=captioner)
     # The process ends here, once "stopped" has been reported: the interpreter's own exit would first
     # wait for busy worker threads and collect the models' objects, seconds past the grace period.
     sys.stdout.flush()
