@@ -1,8 +1,13 @@
 """Dream over gRPC with the tiny Stable Diffusion and tiny CLIP: the command line's pixels, per-item statuses,
 seeds whatever the batch, batching across streams, trajectories, limits, deadlines and cancellation."""
 
+import asyncio
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,17 +17,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from engine import Engine, EngineConfig, cli
+from engine import Engine, EngineConfig, Panorama, cli
 from engine.dream.params import DreamParams
 from engine.models.diffusion import Dreamer
 from engine.models.tiny import make_tiny_clip
 from engine.models.tiny_sd import make_tiny_sd
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
 from engine.serve import wire
+from engine.serve.client import AsyncMimeticClient, MimeticClient
 from engine.serve.generate import parameters
 from engine.serve.server import BackgroundServer, ServerConfig
 
-from .test_server import metric, stub, wait_for
+from .test_server import REPO_ROOT, metric, stub, wait_for
 
 OK, INVALID, DEADLINE, EXHAUSTED = 0, 3, 4, 8  # google.rpc.Code
 STEPS = 4
@@ -238,3 +245,106 @@ def test_health_says_not_serving_while_sd_loads(engine, models):
     finally:
         release.set()
         server.close()
+
+
+# -- the client and mimetic call --------------------------------------------------------------------
+
+
+def test_the_client_gives_dream_s_own_results(engine, dreamer, server, panoramas):
+    from engine.dream.dream import dream
+
+    params = DreamParams(from_labels=("style=styles",), template="a {style} street", steps=STEPS, strength=0.75, seed=4,
+                         trajectory_every=1)
+    items = [Panorama(id="louvre", data=panoramas["louvre"], meta={"city": "Paris"}), Panorama(id="bad", data=b"nope"),
+             Panorama(id="pond", data=panoramas["pond"])]
+    local = dream(engine, dreamer, items, params)
+    with MimeticClient(server.address) as client:
+        remote = list(client.dream(items, params))
+        with pytest.raises(ValueError, match="strength must be a number in"):
+            client.dream(items, DreamParams(prompt="x", strength=2.0))
+        with pytest.raises(ValueError, match="not among this server's vocabularies"):
+            client.dream(items, DreamParams(from_labels=("urban",)))
+        with pytest.raises(ValueError, match="over the server's limit of 40"):
+            client.dream(items, DreamParams(prompt="x", steps=50))
+    assert [r.id for r in remote] == ["louvre", "bad", "pond"] and remote[0].meta == {"city": "Paris"}
+    assert remote[1].error and remote[1].error.count("bad") == 1 and local[1].error
+    for a, b in zip(local, remote, strict=True):
+        assert len(a.dreams) == len(b.dreams)
+        for x, y in zip(a.dreams, b.dreams, strict=True):
+            assert (x.index, x.view, x.prompt, x.seed, x.nsfw) == (y.index, y.view, y.prompt, y.seed, y.nsfw)
+            assert x.prompt.startswith("a ") and x.prompt.endswith(" street")
+            assert np.array_equal(x.source, y.source) and np.abs(x.image.astype(int) - y.image).mean() <= 1.0
+            assert y.scores == pytest.approx(x.scores, abs=1e-3)
+            assert [label for label, _ in x.labels["style"]] == [label for label, _ in y.labels["style"]]
+            assert x.trajectory.steps == y.trajectory.steps == [1, 2, 3] and y.trajectory.frames.shape == x.trajectory.frames.shape
+
+    async def main():
+        async with AsyncMimeticClient(server.address) as aclient:
+            return [r async for r in aclient.dream(items[2:], DreamParams(prompt="a pond", steps=STEPS, seed=1), ordered=False)]
+
+    [pond] = asyncio.run(main())
+    assert pond.id == "pond" and len(pond.dreams) == 4 and pond.dreams[0].prompt == "a pond"
+
+
+def test_mimetic_call_dream_writes_what_mimetic_dream_writes(models, server, panoramas, tmp_path):
+    path = tmp_path / "pond.jpg"
+    path.write_bytes(panoramas["pond"])
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    flags = ["--prompt", "a quiet pond", "--steps", "4", "--strength", "0.5", "--seed", "2", "--trajectory-every", "1"]
+    assert cli.main(["dream", str(path), *flags, "--out", str(local), "--sd-model", models["sd"], "--clip-model", models["clip"],
+                     "--views", "ring4", "--vocabularies", "styles,periods", "--top-k", "3", "--quiet"]) == 0
+    assert cli.main(["call", "dream", server.address, str(path), *flags, "--out", str(remote)]) == 0
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in remote.iterdir())
+    a, b = (json.loads((folder / "dreams.json").read_text()) for folder in (local, remote))
+    assert a.keys() == b.keys() and a["parameters"] == b["parameters"] and a["template"] == b["template"] is None
+    assert b["diffusion"]["img2img"] == "StableDiffusionImg2ImgPipeline" and b["clip"]["model"] == a["clip"]["model"]
+    for x, y in zip(a["panoramas"][0]["dreams"], b["panoramas"][0]["dreams"], strict=True):
+        assert (x["prompt"], x["seed"], x["files"], x["trajectory"]["steps"]) == (y["prompt"], y["seed"], y["files"], y["trajectory"]["steps"])
+        dreamt = [np.asarray(Image.open(folder / x["files"]["dream"])).astype(int) for folder in (local, remote)]
+        assert np.abs(dreamt[0] - dreamt[1]).mean() <= 1.0
+    # A user's mistake is one line and an exit status.
+    assert cli.main(["call", "dream", server.address, str(path), "--prompt", "x", "--strength", "0", "--out", str(remote)]) == 2
+
+
+def test_sigterm_finishes_the_dreams_already_started_within_the_grace_period(models, panoramas):
+    """`mimetic serve --sd-model` in a subprocess: a dream of 12 steps is running when SIGTERM comes; it is answered
+    with its pixels, the next request is never read, and the process exits 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.serve.cli", "serve", "--clip-model", models["clip"], "--sd-model", models["sd"],
+         "--views", "ring4", "--port", "0", "--metrics-port", "0", "--grace", "60", "--max-dream-delay-ms", "0"],
+        cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = []
+        while not any("serving" in line for line in lines):
+            line = process.stderr.readline()
+            assert line, f"the server exited: {''.join(lines)}"
+            lines.append(line)
+        address = next(line for line in lines if "listening on" in line).split("listening on ")[1].split(",")[0]
+        metrics_port = int(next(line for line in lines if "metrics on" in line).rsplit(":", 1)[1].split("/")[0])
+        server = type("Scraped", (), {"metrics_port": metrics_port})
+        hold = threading.Event()
+
+        def requests():
+            yield dream_request(0, panoramas["pond"], steps=12, strength=1.0)
+            hold.wait(60)  # the stream stays open: the client has more to say
+            yield dream_request(1, panoramas["pond"])
+
+        call = pb_grpc.MimeticStub(grpc.insecure_channel(address)).Dream(requests())
+        wait_for(lambda: metric(server, "mimetic_dream_step_seconds_count") > 0, timeout=30, what="the dream to start")
+        process.send_signal(signal.SIGTERM)
+        answered = []
+        with pytest.raises(grpc.RpcError) as ended:
+            for response in call:
+                answered.append(response)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in ended.value.details()
+        assert [(r.request_id, r.status.code, len(r.dreams)) for r in answered] == [("d0", OK, 4)]
+        assert process.wait(30) == 0
+        rest = process.stderr.read()
+        assert "stopped" in rest and "cut" not in rest
+        hold.set()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
