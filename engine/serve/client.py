@@ -8,6 +8,9 @@
         client.embed_text(["a baroque church"])   # (T, D), as Engine.embed_text
         client.info()                             # Engine.info(), plus "server": limits, presets, labels
 
+        client.dream(panoramas, DreamParams(prompt="a street"))   # DreamResult, as engine.dream.dream.dream_iter
+        client.caption(panoramas, flavours=["styles"])             # Captioned, as engine.dream.interrogate.interrogate
+
     async with AsyncMimeticClient(address) as client:   # the same API for asyncio
         async for result in client.embed(panoramas): ...
 
