@@ -14,7 +14,9 @@ is what the service adds around a model call):
 * two streams sending one item at a time (client window 1), at once, so that the server batches them
   into shared model calls, against the same items served one stream at a time.
 
-Images (views) per second over a whole pass, median of repeats, passes taken in turn.
+Images (views) per second over a whole pass, median of repeats, passes taken in turn; the ratio of the
+fastest passes is printed too, since other jobs on a shared machine only ever add time. The in-process
+peer runs in a worker thread, as the server's models do (see ``in_thread``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,25 @@ def small_panoramas(path: Path, count: int, width: int = 1024) -> list[bytes]:
         Image.fromarray(np.roll(pixels, k * width // count, axis=1)).save(buffer, format="JPEG", quality=90)
         blobs.append(buffer.getvalue())
     return blobs
+
+
+def in_thread(work, *args) -> None:
+    """``work(*args)`` in a worker thread, as the server runs its models. On this machine a model call in
+    the main thread, after the Numba kernel has run there, was many times slower than the same call in
+    another thread (seen with the tiny BLIP: 20 s against 0.6 s), which would measure that, not gRPC."""
+    failure = []
+
+    def run():
+        try:
+            work(*args)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def generate_bench(args, which: set[str]) -> dict:
@@ -104,15 +125,16 @@ def generate_bench(args, which: set[str]) -> dict:
                     for i in range(2):
                         remote(singles[i], panoramas(slice(i, None, 2)))
 
-                runs = {"in_process": lambda local=local: local(panoramas()), "grpc_1_stream": lambda remote=remote: remote(client, panoramas()),
+                runs = {"in_process": lambda local=local: in_thread(local, panoramas()), "grpc_1_stream": lambda remote=remote: remote(client, panoramas()),
                         "grpc_2_streams_batched": together, "grpc_2_streams_one_at_a_time": one_at_a_time}
                 rows = {}
                 for path, samples in interleaved_seconds(runs, repeats).items():
                     seconds = statistics.median(samples)
                     rows[path] = {"s": seconds, "samples_s": samples, "views_per_s": views / seconds}
-                base = rows["in_process"]["views_per_s"]
+                base, best_base = rows["in_process"]["views_per_s"], min(rows["in_process"]["samples_s"])
                 for row in rows.values():
                     row["ratio_to_in_process"] = row["views_per_s"] / base
+                    row["best_ratio_to_in_process"] = best_base / min(row["samples_s"])  # fastest pass against fastest pass
                 out[name] = {"rows": rows, "batched_over_one_at_a_time":
                              rows["grpc_2_streams_batched"]["views_per_s"] / rows["grpc_2_streams_one_at_a_time"]["views_per_s"]}
                 _print(name, rows, count, len(engine.views), out[name]["batched_over_one_at_a_time"])
@@ -127,10 +149,11 @@ def generate_bench(args, which: set[str]) -> dict:
 
 def _print(name: str, rows: dict, count: int, per: int, batched: float) -> None:
     print(f"\n{name}: tiny models, {count} panoramas x {per} views")
-    print(f"{'path':<30}{'s/pass':>9}{'views/s':>10}{'ratio':>8}   samples (s)")
+    print(f"{'path':<30}{'s/pass':>9}{'views/s':>10}{'ratio':>8}{'best ratio':>12}   samples (s)")
     for path, row in rows.items():
         samples = " ".join(f"{x:.2f}" for x in row["samples_s"])
-        print(f"{path:<30}{row['s']:>9.2f}{row['views_per_s']:>10.1f}{row['ratio_to_in_process']:>8.2f}   {samples}")
+        print(f"{path:<30}{row['s']:>9.2f}{row['views_per_s']:>10.1f}{row['ratio_to_in_process']:>8.2f}"
+              f"{row['best_ratio_to_in_process']:>12.2f}   {samples}")
     ratio = rows["grpc_1_stream"]["ratio_to_in_process"]
-    print(f"{name} over gRPC keeps {ratio:.2f} of in-process throughput (target >= {TARGET_RATIO}) "
+    print(f"{name} over gRPC keeps {ratio:.2f} of in-process throughput, median against median (target >= {TARGET_RATIO}) "
           f"{'ok' if ratio >= TARGET_RATIO else 'MISS'}; two streams batched together: {batched:.2f}x one stream at a time")
