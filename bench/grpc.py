@@ -17,7 +17,13 @@ p50 and p99 are reported (with few items, p99 is close to the maximum; the count
 in-process Engine is fed the same schedule through ``embed_iter``, which waits to fill a group
 before it runs one; the server's batcher waits at most ``--max-delay-ms``.
 
-    python -m bench.grpc [--quick] [--panoramas N] [--load 0.5] [--out DIR]
+    python -m bench.grpc [--quick] [--only embed,dream,caption] [--panoramas N] [--load 0.5] [--out DIR]
+
+Dream and Caption (``bench.grpc_generate``) are measured the same way with the tiny models (``mimetic
+models make-tiny``): ``mimetic dream``'s and ``mimetic caption``'s in-process calls against
+``MimeticClient.dream`` / ``.caption`` on ``mimetic serve --sd-model --caption-model``, and two streams
+sending one item at a time, batched together by the server, against the same items served one stream
+at a time.
 
 (Run it as a module: ``python bench/grpc.py`` would put bench/ first on sys.path, and this file
 would hide the grpc package.)
@@ -56,10 +62,10 @@ TARGET_RATIO = 0.9
 class ServerProcess:
     """``mimetic serve`` in a subprocess (its own interpreter, as in production), on a free loopback port."""
 
-    def __init__(self, batch_size: int, max_delay_ms: float, max_in_flight: int):
+    def __init__(self, batch_size: int, max_delay_ms: float, max_in_flight: int, models=("--clip-model", "ViT-B-32", "--random-weights")):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.serve.cli", "serve", "--clip-model", "ViT-B-32", "--random-weights",
+            [sys.executable, "-m", "engine.serve.cli", "serve", *models,
              "--batch-size", str(batch_size), "--max-batch", str(batch_size), "--max-delay-ms", str(max_delay_ms),
              "--max-in-flight", str(max_in_flight), "--port", "0", "--metrics-port", "0"],
             cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,
@@ -170,6 +176,7 @@ def latency_grpc(clients: list[MimeticClient], blobs: list[bytes], rate: float) 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.grpc", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--only", default="embed,dream,caption", help="comma-separated: embed, dream, caption (default all)")
     parser.add_argument("--quick", action="store_true", help="fewer panoramas and repeats")
     parser.add_argument("--panoramas", type=int, default=None, help="panoramas per pass (default 16; 8 with --quick)")
     parser.add_argument("--latency-items", type=int, default=None, help="items per latency run (default 24; 8 with --quick)")
@@ -181,7 +188,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     parser.add_argument("--pano", type=Path, default=DEFAULT_PANO)
     args = parser.parse_args(argv)
+    only = {part.strip() for part in args.only.split(",") if part.strip()}
+    result = {"bench": "grpc", "date": dt.date.today().isoformat(), "device": cpu_model()}
+    if "embed" in only:
+        result.update(embed_bench(args))
+    if only & {"dream", "caption"}:
+        from bench.grpc_generate import generate_bench
 
+        result["generate"] = generate_bench(args, only & {"dream", "caption"})
+    write_result("grpc", result["device"], result["date"], result, args.out)
+    return result
+
+
+def embed_bench(args) -> dict:
     count = args.panoramas or (8 if args.quick else 16)
     latency_items = args.latency_items or (8 if args.quick else 24)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -245,10 +264,7 @@ def main(argv=None) -> dict:
     batches = scraped.get("mimetic_batch_views_count", 0)
     mean_batch = scraped.get("mimetic_batch_views_sum", 0) / batches if batches else None
 
-    result = {
-        "bench": "grpc",
-        "date": dt.date.today().isoformat(),
-        "device": device,
+    return {
         "info": engine.info(),
         "setup": {"panoramas": count, "views_per_panorama": len(engine.views), "batch_size": args.batch_size,
                   "max_delay_ms": args.max_delay_ms, "max_in_flight": args.max_in_flight, "repeats": repeats,
@@ -258,10 +274,8 @@ def main(argv=None) -> dict:
         "load_average_before_after": [load_before, load_after],
         "latency": latency,
         "server_mean_batch_views": mean_batch,
-        "versions": versions(("torch", "open_clip_torch", "grpcio", "protobuf", "numba")),
+        "versions": versions(("torch", "open_clip_torch", "grpcio", "protobuf", "numba", "diffusers", "transformers")),
     }
-    write_result("grpc", device, result["date"], result, args.out)
-    return result
 
 
 

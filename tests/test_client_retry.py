@@ -163,11 +163,11 @@ def test_a_writer_cancelled_just_as_its_pull_finished_leaves_the_item_to_the_nex
     iterator completes, the item must go to the next writer (the iterator cannot give it back), or
     the ordered output waits forever for it. Seen once in 8 restarts before the fix."""
     from engine.proto.mimetic.v1 import mimetic_pb2 as pb
-    from engine.serve.client import _END, _EmbedStream
+    from engine.serve.streaming import _END, RequestStream
 
     async def main():
-        stream = _EmbedStream(None, panoramas(blobs, 3), pb.EmbedRequest(), window=3, max_bytes=2**26, dtype=None,
-                              failure_views=[])
+        stream = RequestStream(None, panoramas(blobs, 3), pb.EmbedRequest(), window=3, max_bytes=2**26, method=None,
+                               convert=None, failed=None)
         writer = asyncio.create_task(stream._next())
         while stream._pulling is None or not stream._pulling.done():
             await asyncio.sleep(0)

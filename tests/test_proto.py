@@ -33,14 +33,21 @@ def test_the_service_is_the_issue_s_contract():
     assert shapes == {
         "Embed": (".mimetic.v1.EmbedRequest", ".mimetic.v1.EmbedResponse", True, True),
         "Dream": (".mimetic.v1.DreamRequest", ".mimetic.v1.DreamResponse", True, True),
+        "Caption": (".mimetic.v1.CaptionRequest", ".mimetic.v1.CaptionResponse", True, True),
         "EmbedText": (".mimetic.v1.EmbedTextRequest", ".mimetic.v1.EmbedTextResponse", False, False),
         "GetInfo": (".mimetic.v1.GetInfoRequest", ".mimetic.v1.Info", False, False),
     }
     # Embeddings are bytes with a shape, never repeated floats; each response carries a google.rpc.Status.
     tensor = pb.Tensor.DESCRIPTOR.fields_by_name
     assert tensor["data"].type == tensor["data"].TYPE_BYTES and tensor["shape"].is_repeated
+    for message in (pb.EmbedResponse, pb.DreamResponse, pb.CaptionResponse):
+        assert message.DESCRIPTOR.fields_by_name["status"].message_type.full_name == "google.rpc.Status"
+    # Caption's request is shaped like Embed's: the same fields for the image, its views, deadline and meta.
+    embed, caption = pb.EmbedRequest.DESCRIPTOR.fields_by_name, pb.CaptionRequest.DESCRIPTOR.fields_by_name
+    for name in ("request_id", "id", "image", "view_preset", "views", "yaw_offset", "timeout_ms", "meta"):
+        assert (caption[name].type, caption[name].message_type) == (embed[name].type, embed[name].message_type)
+    assert pb.DreamRequest.DESCRIPTOR.fields_by_name["prompt"].has_presence  # "" is a prompt; unset is none
     response = pb.EmbedResponse.DESCRIPTOR.fields_by_name
-    assert response["status"].message_type.full_name == "google.rpc.Status"
     assert response["embeddings"].message_type is pb.Tensor.DESCRIPTOR
     assert pb.DESCRIPTOR.name == "mimetic/v1/mimetic.proto"  # the canonical name, for reflection and other languages
 

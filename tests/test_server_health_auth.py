@@ -140,31 +140,17 @@ def test_an_oversized_message_is_refused_and_the_server_survives(engine, blobs):
         assert "over the message limit of 67,108,864 bytes" in results[0].error and results[1].error is None
 
 
-def test_dream_is_unimplemented_without_a_diffusion_engine(engine):
+def test_dream_and_caption_are_unimplemented_without_their_models(engine):
     with BackgroundServer(engine, ServerConfig(port=0)) as server:
         with pytest.raises(grpc.RpcError) as dream:
             list(stub(server).Dream(iter([pb.DreamRequest(request_id="d0", prompt="a street in Rome")])))
         assert dream.value.code() == grpc.StatusCode.UNIMPLEMENTED and "diffusion engine" in dream.value.details()
+        assert "--sd-model" in dream.value.details()
+        with pytest.raises(grpc.RpcError) as caption:
+            list(stub(server).Caption(iter([pb.CaptionRequest(request_id="c0")])))
+        assert caption.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--caption-model" in caption.value.details()
         with MimeticClient(server.address) as client:
             assert client.info()["server"]["dream"] is False
-
-
-class PromptEcho:
-    """A dream handler (the extension point) that answers with each request's prompt; no prompt is a ValueError."""
-
-    def dream(self, request: pb.DreamRequest) -> pb.DreamResponse:
-        if not request.prompt:
-            raise ValueError(f"{request.id}: give a prompt or from_labels")
-        return pb.DreamResponse(id=request.id, dreams=[pb.ViewDream(index=0, prompt=request.prompt, seed=request.seed)])
-
-
-def test_dream_goes_to_a_configured_handler_with_per_item_errors(engine):
-    requests = [pb.DreamRequest(request_id=f"d{k}", id=f"p{k}", prompt="a street in Rome" if k != 1 else "", seed=k) for k in range(3)]
-    with BackgroundServer(engine, ServerConfig(port=0), dream_handler=PromptEcho()) as server:
-        responses = list(stub(server).Dream(iter(requests)))
-    assert [(r.request_id, r.status.code) for r in responses] == [("d0", OK), ("d1", INVALID), ("d2", OK)]
-    assert responses[2].dreams[0].prompt == "a street in Rome" and responses[2].dreams[0].seed == 2
-    assert responses[1].status.message == "p1: give a prompt or from_labels"
 
 
 def test_embed_text_and_info_are_the_engine_s(engine):

@@ -98,14 +98,15 @@ def run(args: argparse.Namespace) -> int | None:
     return _caption(args) if args.command == "caption" else _translate(args)
 
 
-def _captioner(args, device):
+def _captioner(args, config):
     from engine.models.caption import Captioner, CaptionModelError, check_generation
 
     check_generation(args.caption_beams, args.caption_max_tokens)
     if not args.caption_model:
         raise CaptionModelError("no captioner: pass --caption-model DIR (a local transformers folder; "
                                 "`mimetic models make-tiny DIR` writes a tiny one to DIR/caption)")
-    return lambda: Captioner(args.caption_model, device=device, beams=args.caption_beams, max_tokens=args.caption_max_tokens)
+    return lambda: Captioner(args.caption_model, device=config.device, precision=config.precision, beams=args.caption_beams,
+                             max_tokens=args.caption_max_tokens)
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -121,7 +122,7 @@ def _caption(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() not in (".csv", ".parquet"):
         raise ValueError(f"--out {args.out}: the captions file must end in .csv or .parquet")
     config = config_from_args(args)
-    make_captioner = _captioner(args, config.device)
+    make_captioner = _captioner(args, config)
     config.vocabularies = flavours
     engine = Engine(config)
     captioner = make_captioner()
@@ -153,7 +154,7 @@ def _translate(args: argparse.Namespace) -> int:
     params.check()
     config = config_from_args(args)
     config.seed, config.vocabularies = args.seed, ()
-    make_captioner = _captioner(args, config.device)
+    make_captioner = _captioner(args, config)
     args.size = None
     dreamer = _dreamer(args, config)
     engine, captioner = Engine(config), make_captioner()

@@ -155,7 +155,8 @@ def _dreamer(args, config):
         check_size(args.size)
     if not args.sd_model:
         raise DiffusionModelError("no Stable Diffusion model: pass --sd-model DIR (a local diffusers folder; `mimetic models make-tiny DIR` writes a tiny one to DIR/sd)")
-    return Dreamer(args.sd_model, device=config.device, attention=config.attention, compile=config.compile, size=args.size)
+    return Dreamer(args.sd_model, device=config.device, attention=config.attention, compile=config.compile, size=args.size,
+                   precision=config.precision)
 
 
 def _dream(args) -> int:
@@ -176,7 +177,7 @@ def _dream(args) -> int:
     )
     params.check()  # before any model loads
     config = config_from_args(args)
-    make_captioner = _captioner(args, config.device) if params.prompt_from else None  # its flags checked here too
+    make_captioner = _captioner(args, config) if params.prompt_from else None  # its flags checked here too
     dreamer = _dreamer(args, config)
     engine = Engine(config)
     captioner = make_captioner() if make_captioner else None

@@ -29,7 +29,7 @@ from engine.models.caption import Captioner
 from engine.models.diffusion import Dreamer
 from engine.pipeline import Engine, Panorama
 from engine.results import file_stems
-from engine.types import error_message, item_meta
+from engine.types import Prepared, error_message, item_meta
 from kernels import ViewSpec
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,56 +92,118 @@ def dream_iter(engine: Engine, dreamer: Dreamer, panoramas: Iterable[Panorama], 
                progress: Progress | None = None, *, captioner: Captioner | None = None) -> Iterator[DreamResult]:
     """Like ``dream``, yielding each panorama's result as soon as its group is done. Parameters are
     checked here, at the call, not at the first result."""
+    plan = _plan(engine, params)
+    captioner = _needed(captioner, [plan])
+    return _dream_groups(engine, dreamer, captioner, iter(panoramas), plan, progress or _no_progress)
+
+
+def _needed(captioner: Captioner | None, plans) -> Captioner | None:
+    """The captioner when some item's prompt is its caption (a ValueError without one), else None."""
+    if not any(plan.params.prompt_from == "caption" for plan in plans):
+        return None
+    if captioner is None:
+        raise ValueError("prompt_from='caption' needs a captioner (--caption-model DIR)")
+    return captioner
+
+
+# What must agree for views to share a diffusion call: the rest (prompt, labels, template, seed) is per view.
+DIFFUSION_FIELDS = ("strength", "steps", "guidance", "negative_prompt", "trajectory_every", "batch_size")
+
+
+def diffusion_key(params: DreamParams) -> tuple:
+    return tuple(getattr(params, name) for name in DIFFUSION_FIELDS)
+
+
+def dream_width(engine: Engine, dreamer: Dreamer) -> int:
+    """The width to decode a panorama at for ``dream`` (``Engine.prepare(..., min_width=...)``): what the
+    model's views need."""
+    return required_width(dreamer.views(engine.views))
+
+
+def dream_batch(engine: Engine, dreamer: Dreamer, items: Sequence[tuple[Panorama | Prepared, DreamParams]],
+                progress: Progress | None = None, *, captioner: Captioner | None = None) -> list[DreamResult]:
+    """Dream panoramas that each bring their own parameters (prompt or labels, template, seed) in shared
+    diffusion calls, as ``dream`` dreams one run's: a server's requests from several streams, batched.
+
+    Every item's parameters must agree on ``DIFFUSION_FIELDS`` (a ValueError otherwise) and are checked
+    here. An item may be a ``Prepared`` already decoded (``Engine.prepare(..., min_width=dream_width(...),
+    host=True)`` then ``Engine.decode``): it is checked and decoded no more. Each view's generator is
+    seeded by its own item, so a view dreams the same whatever else is in the call. Results in input
+    order, a failed item in place with ``error``. ``progress`` as for ``dream``; an exception it raises
+    stops the diffusion call at that step and leaves this function with it.
+    """
+    if not items:
+        return []
+    keys = {diffusion_key(params) for _, params in items}
+    if len(keys) > 1:
+        raise ValueError(f"one diffusion call needs the same {', '.join(DIFFUSION_FIELDS)} for every item, got {sorted(keys, key=str)}")
+    plans = [_plan(engine, params) for _, params in items]
+    return _dream_group(engine, dreamer, [item for item, _ in items], plans, dream_width(engine, dreamer), progress or _no_progress,
+                        _needed(captioner, plans))
+
+
+@dataclass
+class _Plan:
+    """One item's parameters, checked, with the vocabularies and template its prompts come from."""
+
+    params: DreamParams
+    vocabularies: dict
+    template: str | None
+
+
+def _plan(engine: Engine, params: DreamParams) -> _Plan:
     vocabularies = params.check()
     if params.prompt_from == "caption":
-        if captioner is None:
-            raise ValueError("prompt_from='caption' needs a captioner (--caption-model DIR)")
         vocabularies = flavour_vocabularies(params.flavours)  # read like placeholders, keyed by name
-    else:
-        captioner = None  # no caption is read unless the prompt is made from it
     for vocabulary in vocabularies.values():
         if engine.vocabularies.get(vocabulary.name) != vocabulary:
             engine.add_vocabulary(vocabulary)
-    template = params.resolved_template(vocabularies) if params.from_labels else None
-    return _dream_groups(engine, dreamer, captioner, iter(panoramas), params, vocabularies, template, progress or _no_progress)
+    return _Plan(params, vocabularies, params.resolved_template(vocabularies) if params.from_labels else None)
 
 
-def _dream_groups(engine, dreamer, captioner, panoramas, params, vocabularies, template, progress) -> Iterator[DreamResult]:
+def _dream_groups(engine, dreamer, captioner, panoramas, plan: _Plan, progress) -> Iterator[DreamResult]:
     views = dreamer.views(engine.views)
     # A group is as many panoramas as fill one diffusion batch with their views (at least one).
-    group_size = max(1, params.batch_size // len(views))
+    group_size = max(1, plan.params.batch_size // len(views))
     # Decoded once, at the width the densest of the SD and the captioner's views needs.
     min_width = max(required_width(views), required_width(captioner.views(engine.views)) if captioner else 0)
     group: list[Panorama] = []
     for item in panoramas:
         group.append(item)
         if len(group) == group_size:
-            yield from _dream_group(engine, dreamer, captioner, group, params, vocabularies, template, min_width, progress)
+            yield from _dream_group(engine, dreamer, group, [plan] * len(group), min_width, progress, captioner)
             group = []
     if group:
-        yield from _dream_group(engine, dreamer, captioner, group, params, vocabularies, template, min_width, progress)
+        yield from _dream_group(engine, dreamer, group, [plan] * len(group), min_width, progress, captioner)
 
 
-def _dream_group(engine, dreamer, captioner, group, params, vocabularies, template, min_width, progress) -> list[DreamResult]:
+def _decoded(engine: Engine, item, min_width: int) -> Prepared:
+    if isinstance(item, Prepared) and item.pixels is not None:
+        return item  # the caller's input stage ran already (a server's decode pool)
+    return engine.decode(engine.prepare(item, min_width=min_width, host=True))
+
+
+def _dream_group(engine, dreamer, group, plans: list[_Plan], min_width, progress, captioner=None) -> list[DreamResult]:
     # Decode each panorama once, for CLIP and SD alike, through the Engine's input stage (into host arrays,
     # at the width the SD views need); a failure stays with its item (by position).
     decoded, failed = [], {}
     for k, item in enumerate(group):
         try:
-            decoded.append((k, item, engine.decode(engine.prepare(item, min_width=min_width, host=True))))
+            decoded.append((k, item, _decoded(engine, item, min_width)))
         except (DecodeError, ValueError, TypeError) as exc:
             failed[k] = error_message(item, exc)
 
     # Prompts: one for every view, or each view's top label per vocabulary (or flavour), read by the engine
     # from its own views (the prepared panoramas are checked no more), after the view's caption.
     readings = {}
-    if vocabularies and decoded:
-        seen = engine.embed([prepared for _, _, prepared in decoded])
-        for (k, _, _), result in zip(decoded, seen, strict=True):
+    labelled = [entry for entry in decoded if plans[entry[0]].vocabularies]
+    if labelled:
+        seen = engine.embed([prepared for _, _, prepared in labelled])
+        for (k, _, _), result in zip(labelled, seen, strict=True):
             if result.error:
                 failed[k] = result.error
             else:
-                readings[k] = {key: result.readings[v.name]["views"] for key, v in vocabularies.items()}
+                readings[k] = {key: result.readings[v.name]["views"] for key, v in plans[k].vocabularies.items()}
         decoded = [entry for entry in decoded if entry[0] not in failed]
     count = len(engine.views)
     if failed:
@@ -149,24 +211,22 @@ def _dream_group(engine, dreamer, captioner, group, params, vocabularies, templa
     if not decoded:
         return [_failed(item, failed[k]) for k, item in enumerate(group)]
 
-    captions = [None] * (len(decoded) * count)
-    if captioner is not None:  # every view of the group in the captioner's batches, cut from the same pixels
-        cut = captioner.render([p.pixels for _, _, p in decoded], engine.views, [p.yaw_offset for _, _, p in decoded],
-                               antialias=engine.config.antialias)
-        captions = captioner.caption(cut.reshape(-1, *cut.shape[2:]))
-    labels, prompts = [], []
+    captions = _captions(engine, captioner, [(k, p) for k, _, p in decoded if plans[k].params.prompt_from == "caption"], count)
+    labels, prompts, seeds = [], [], []
     for k, _, _ in decoded:
+        plan = plans[k]
         for n in range(count):
             top = {name: per_view[n] for name, per_view in readings.get(k, {}).items()}
             labels.append(top)
-            if captioner is not None:
-                caption = captions[len(prompts)]
-                prompts.append(interrogator_prompt(caption, {name: top[name][0] for name in vocabularies}, list(vocabularies)))
-            elif template is not None:
-                prompts.append(prompt_from_labels(template, {v: top[v][0][0] for v in top}))
+            if k in captions:
+                flavours = {name: top[name][0] for name in plan.vocabularies}
+                prompts.append(interrogator_prompt(captions[k][n], flavours, list(plan.vocabularies)))
+            elif plan.template is not None:
+                prompts.append(prompt_from_labels(plan.template, {v: top[v][0][0] for v in top}))
             else:
-                prompts.append(params.prompt)
-    seeds = [params.seed] * len(prompts)
+                prompts.append(plan.params.prompt)
+            seeds.append(plan.params.seed)
+    params = plans[decoded[0][0]].params  # the diffusion parameters every item shares
 
     # The same views the engine cuts, at the model's size, [-1, 1]; img2img across panoramas, batch by batch.
     rendered = dreamer.render(
@@ -205,11 +265,22 @@ def _dream_group(engine, dreamer, captioner, group, params, vocabularies, templa
                 Dream(
                     index=n, view=specs[n], prompt=prompts[j], seed=seeds[j], source=to_uint8(sources[j]),
                     image=to_uint8(images[j]), scores={name: float(values[j]) for name, values in scores.items()},
-                    labels=labels[j], caption=captions[j], nsfw=nsfw[j], trajectory=trajectories[j] if trajectories else None,
+                    labels=labels[j], caption=captions[k][n] if k in captions else None, nsfw=nsfw[j],
+                    trajectory=trajectories[j] if trajectories else None,
                 )
             )
         done[k] = DreamResult(id=item.id, dreams=dreams, meta=dict(item.meta))
     return [done[k] if k in done else _failed(item, failed[k]) for k, item in enumerate(group)]
+
+
+def _captions(engine, captioner, entries: list[tuple[int, Prepared]], count: int) -> dict[int, list[str]]:
+    """{item: a caption per view}, every view of these items in the captioner's batches, cut from the same pixels."""
+    if not entries:
+        return {}
+    cut = captioner.render([p.pixels for _, p in entries], engine.views, [p.yaw_offset for _, p in entries],
+                           antialias=engine.config.antialias)
+    captions = captioner.caption(cut.reshape(-1, *cut.shape[2:]))
+    return {k: captions[m * count : (m + 1) * count] for m, (k, _) in enumerate(entries)}
 
 
 def _failed(item, error: str) -> DreamResult:

@@ -17,6 +17,7 @@ Decoding is deterministic (beam search without sampling), so two runs give the s
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +30,10 @@ import torch
 
 from engine.decode import DecodeError, decode_image, required_width
 from engine.dream.core import clip_embed, from_uint8
-from engine.models.caption import Captioner
+from engine.models.caption import Captioner, check_generation
 from engine.pipeline import Engine, Panorama
 from engine.results import SCHEMA, label_lists, write_csv
+from engine.types import Prepared
 from kernels import ViewSpec
 
 PLAIN_VIEW = ViewSpec(0.0, 0.0, 0.0, 90.0, 1, 1)  # stands for "the whole image" in a plain image's row
@@ -84,7 +86,7 @@ def _one(engine: Engine, captioner: Captioner, item: Panorama, flavours: Sequenc
     if plain is not True:
         # The Engine's one input stage: checked once, decoded once, at the width the denser of CLIP's and
         # the captioner's views needs; the Engine then embeds the decoded Prepared without checking it again.
-        width = max(engine.min_decode_width, required_width(captioner.views(engine.views)))
+        width = caption_width(engine, captioner)
         try:
             prepared = engine.decode(engine.prepare(item, min_width=width, host=True))
         except DecodeError as refused:
@@ -95,21 +97,57 @@ def _one(engine: Engine, captioner: Captioner, item: Panorama, flavours: Sequenc
                 raise refused from None  # a panorama refused for another reason: that reason stands
     else:
         image = decode_image(item.data, name=item.id, max_pixels=engine.config.max_pixels)
-    if prepared is None:  # a plain image, read whole
-        captions = captioner.caption(captioner.pixels_of([image]))
-        embeddings = clip_embed(engine, from_uint8(image[None]))
-        views = [PLAIN_VIEW]
-        readings = _top(engine, embeddings, flavours)
-    else:
-        [result] = engine.embed([prepared])
-        if result.error is not None:
-            return Captioned(id=item.id, error=result.error)
-        captions = captioner.caption(captioner.render([prepared.pixels], engine.views, yaw_offsets=[prepared.yaw_offset])[0])
-        embeddings, views = result.embeddings, result.views
-        readings = [{name: result.readings[name]["views"][k][0] for name in flavours} for k in range(len(views))]
+    if prepared is not None:
+        return caption_batch(engine, captioner, [prepared], [flavours])[0]
+    # A plain image, read whole.
+    captions = captioner.caption(captioner.pixels_of([image]))
+    embeddings = clip_embed(engine, from_uint8(image[None]))
+    readings = _top(engine, embeddings, flavours)
     prompts = [interrogator_prompt(caption, reading, flavours) for caption, reading in zip(captions, readings, strict=True)]
-    return Captioned(id=item.id, views=views, captions=captions, prompts=prompts, flavours=readings,
-                     embeddings=embeddings, plain=prepared is None)
+    return Captioned(id=item.id, views=[PLAIN_VIEW], captions=captions, prompts=prompts, flavours=readings,
+                     embeddings=embeddings, plain=True)
+
+
+def caption_width(engine: Engine, captioner: Captioner) -> int:
+    """The width to decode a panorama at for captions (``Engine.prepare(..., min_width=...)``): what the
+    denser of CLIP's and the captioner's views needs."""
+    return max(engine.min_decode_width, required_width(captioner.views(engine.views)))
+
+
+def caption_batch(engine: Engine, captioner: Captioner, prepared: Sequence[Prepared], flavours: Sequence[Sequence[str]],
+                  *, beams: int | None = None, max_tokens: int | None = None) -> list[Captioned]:
+    """Caption the views of decoded panoramas together: one engine call for CLIP's readings, one captioner
+    call for every view (a server's requests from several streams, batched), as ``interrogate`` does one.
+
+    ``prepared``: through ``Engine.prepare(..., min_width=caption_width(...), host=True)`` and
+    ``Engine.decode``; checked no more. ``flavours``: each item's flavour vocabularies, among the engine's,
+    in prompt order. ``beams`` and ``max_tokens`` override the captioner's own for this call. A failed
+    item comes back in place with ``error``.
+    """
+    if not prepared:
+        return []
+    if beams is not None or max_tokens is not None:
+        check_generation(beams or captioner.beams, max_tokens or captioner.max_tokens)
+        captioner = copy.copy(captioner)  # the same model, other decoding settings
+        captioner.beams, captioner.max_tokens = beams or captioner.beams, max_tokens or captioner.max_tokens
+    results = engine.embed(list(prepared))
+    ok = [k for k, result in enumerate(results) if result.error is None]
+    captions: list[str] = []
+    if ok:
+        pixels = captioner.render([prepared[k].pixels for k in ok], engine.views, yaw_offsets=[prepared[k].yaw_offset for k in ok])
+        captions = captioner.caption(pixels.reshape(-1, *pixels.shape[2:]))
+    out, count = [], len(engine.views)
+    for k, (item, result, names) in enumerate(zip(prepared, results, flavours, strict=True)):
+        if result.error is not None:
+            out.append(Captioned(id=item.id, error=result.error))
+            continue
+        start = ok.index(k) * count
+        mine = captions[start : start + count]
+        readings = [{name: result.readings[name]["views"][n][0] for name in names} for n in range(count)]
+        prompts = [interrogator_prompt(caption, reading, names) for caption, reading in zip(mine, readings, strict=True)]
+        out.append(Captioned(id=item.id, views=result.views, captions=mine, prompts=prompts, flavours=readings,
+                             embeddings=result.embeddings))
+    return out
 
 
 def _top(engine: Engine, embeddings: torch.Tensor, flavours: Sequence[str]) -> list[dict[str, tuple[str, float]]]:

@@ -257,12 +257,13 @@ def with_flavours(config: EngineConfig, captions: CaptionSettings | None) -> Eng
     return dataclasses.replace(config, vocabularies=(*config.vocabularies, *missing)) if missing else config
 
 
-def load_captioner(captions: CaptionSettings | None, device: str):
+def load_captioner(captions: CaptionSettings | None, config: EngineConfig):
     from engine.models.caption import Captioner
 
     if captions is None:
         return None
-    return Captioner(captions.model, device=device, beams=captions.beams, max_tokens=captions.max_tokens)
+    return Captioner(captions.model, device=config.device, precision=config.precision, beams=captions.beams,
+                     max_tokens=captions.max_tokens)
 
 
 def prepare(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
@@ -316,7 +317,7 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
             # --random-weights draws from config.seed (engine.models.clip), which the fingerprint records:
             # a resumed run, a Ray actor and a query all build this same model.
             engine = Engine(config)
-        captioner = load_captioner(captions, config.device) if pending else None
+        captioner = load_captioner(captions, config) if pending else None
         progress = Progress(sum(len(shard_items(listing, run, k)) for k in pending), run.shards(), run.shards() - len(pending), quiet=quiet)
         try:
             if pending:

@@ -79,7 +79,7 @@ class ShardWorker:
         if threads:
             torch.set_num_threads(threads)  # the actor's share of the node's CPUs, not all of them
         self.engine = Engine(config)
-        self.captioner = load_captioner(captions, config.device)
+        self.captioner = load_captioner(captions, config)
         self.flavours = flavour_names(captions)
         self.run = RunFolder(out)
         self.thumbnails = self.run.load_manifest()["config"].get("thumbnails")  # the run's, as the local job reads it

@@ -15,7 +15,7 @@ from engine.serve.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Mimetic"].full_name  # "mimetic.v1.Mimetic"
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # "grpc.health.v1.Health"
-_STREAMS = ("Embed", "Dream")  # the calls max_streams counts
+_STREAMS = ("Embed", "Dream", "Caption")  # the calls max_streams counts
 
 
 # -- authentication -------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class _Refused(asyncio.CancelledError):
 
 
 class CallLimit(grpc.aio.ServerInterceptor):
-    """At most ``limit`` calls at once other than Embed and Dream streams (bounded by the service) and health
+    """At most ``limit`` calls at once other than Embed, Dream and Caption streams (bounded by the service) and health
     (checks are never limited, watches by the health service): GetInfo, EmbedText, reflection. A bound
     against a flood of authenticated calls, so that memory stays bounded; innermost, so that a call the
     token check refuses never takes a place."""

@@ -21,6 +21,11 @@ latter answered through ``on_error(item, DEADLINE_EXCEEDED, message)``, the form
 by one as the Engine yields them, through ``on_result(item, result, stats, done_at)`` on the event loop.
 ``metrics`` needs ``batch(items, views)``, ``embedded(views)`` and a ``queue_depth`` gauge.
 
+The same batcher serves Dream and Caption with three hooks: ``key(item)``, which items may share a model
+call (Embed: the same Engine); ``run(items)``, the model call on one group, yielding a result per item in
+order (Embed: ``Engine.embed_iter``), where an ``ItemError`` stands for that item's own failure; and
+``on_batch(items, views)`` / ``on_done(item)`` for the metrics (Embed: ``metrics.batch`` / ``embedded``).
+
 The worker thread is a daemon and ``close`` does not wait for it: a batch still in the Engine when the
 server stops must not hold the process past its grace period. What it yields after the event loop has
 closed is dropped.
@@ -35,6 +40,8 @@ import time
 
 from google.rpc import code_pb2
 
+from engine.serve.stream import ItemError
+
 _STOP = object()
 _WAKE = object()  # ends a wait for company at once (draining)
 
@@ -42,8 +49,13 @@ _WAKE = object()  # ends a wait for company at once (draining)
 class Batcher:
     """Items from every stream -> engine calls of at most ``max_batch`` views, in one worker thread (see above)."""
 
-    def __init__(self, loop, *, max_batch: int, max_delay_s: float, max_queue: int, metrics, on_result, on_error, on_drop=None):
+    def __init__(self, loop, *, max_batch: int, max_delay_s: float, max_queue: int, metrics, on_result, on_error, on_drop=None,
+                 key=None, run=None, on_batch=None, on_done=None, name: str = "mimetic-engine"):
         self.loop = loop
+        self._key = key or (lambda item: id(item.engine))
+        self._run_group = run or _embed
+        self._on_batch = on_batch or metrics.batch
+        self._on_done = on_done or (lambda item: metrics.embedded(item.views))
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.capacity = asyncio.Semaphore(max_queue)  # the bound of the queue, awaited on the loop
@@ -55,7 +67,7 @@ class Batcher:
         self._on_result = on_result
         self._on_error = on_error
         self._on_drop = on_drop
-        self._thread = threading.Thread(target=self._work, name="mimetic-engine", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     async def put(self, item) -> None:
@@ -151,18 +163,21 @@ class Batcher:
             return
         started = time.monotonic()
         views = sum(item.views for item in batch)
-        self._metrics.batch(len(batch), views)
+        self._on_batch(len(batch), views)
         stats = {"started": started, "items": len(batch), "views": views}
-        groups: dict[int, list] = {}
-        for item in batch:  # one engine call per view set; the usual case is one group
-            groups.setdefault(id(item.engine), []).append(item)
+        groups: dict[object, list] = {}
+        for item in batch:  # one model call per group (Embed: per view set); the usual case is one group
+            groups.setdefault(self._key(item), []).append(item)
         for items in groups.values():
             done = 0
             try:
-                for item, result in zip(items, items[0].engine.embed_iter([i.prepared for i in items]), strict=True):
+                for item, result in zip(items, self._run_group(items), strict=True):
                     done += 1
-                    if result.error is None:
-                        self._metrics.embedded(item.views)
+                    if isinstance(result, ItemError):
+                        self._to_loop(self._on_error, item, result.code, str(result))
+                        continue
+                    if getattr(result, "error", None) is None:
+                        self._on_done(item)
                     self._to_loop(self._on_result, item, result, stats, time.monotonic())
             except Exception as exc:  # the engine failed on the batch: its items fail, the server goes on
                 for item in items[done:]:
@@ -170,3 +185,8 @@ class Batcher:
                         self._on_error, item, code_pb2.INTERNAL,
                         f"{item.item_id}: the engine failed on its batch ({type(exc).__name__}: {exc})",
                     )
+
+
+def _embed(items: list):
+    """Embed's model call: the group's Engine (one view set) on its decoded items."""
+    return items[0].engine.embed_iter([item.prepared for item in items])

@@ -8,6 +8,9 @@
         client.embed_text(["a baroque church"])   # (T, D), as Engine.embed_text
         client.info()                             # Engine.info(), plus "server": limits, presets, labels
 
+        client.dream(panoramas, DreamParams(prompt="a street"))   # DreamResult, as engine.dream.dream.dream_iter
+        client.caption(panoramas, flavours=["styles"])             # Captioned, as engine.dream.interrogate.interrogate
+
     async with AsyncMimeticClient(address) as client:   # the same API for asyncio
         async for result in client.embed(panoramas): ...
 
@@ -44,84 +47,34 @@ like a batch that went on. Any status other than UNAVAILABLE is raised at once, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import random
 import threading
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import grpc
-import numpy as np
 import torch
 
-from engine.decode import DecodeError, decode_image
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
 from engine.serve import wire
 from engine.serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from engine.types import EmbedResult, Panorama, check_panorama, error_message, item_meta, read_bytes
+from engine.serve.remote import caption_template, check_dream, check_views, dream_template, failed_caption, failed_dream
+from engine.serve.streaming import _END, RequestStream, ServerUnavailableError, _Outage, _retryable
+from engine.types import EmbedResult, Panorama, error_message, item_meta
+
+if TYPE_CHECKING:
+    from engine.dream.dream import DreamResult
+    from engine.dream.interrogate import Captioned
+    from engine.dream.params import DreamParams
 from engine.views import DEFAULT_SIZE, view_set
 from kernels import ViewSpec
-
-_END = object()
-_DONE = object()
-_WRITE_RACE = "Internal error from Core"  # grpc.aio's details for a write that failed in core (set_internal_error)
-
 
 # Thumbnails (a JPEG per view, with ``embed(..., outputs=[..., "thumbnails"])``) are an EmbedResult field,
 # as the Engine gives them; the name stays for callers that used it.
 ThumbnailedResult = EmbedResult
-
-
-class ServerUnavailableError(grpc.RpcError):
-    """The server gave no answer within the retry budget (or ``retries``): raised instead of the last UNAVAILABLE.
-
-    For ``embed``: ``delivered``, how many results were handed back first (in input order, the first
-    ``delivered`` inputs); ``unanswered``, the ids, in input order, of the items read from the input
-    that have no result.
-    """
-
-    def __init__(self, address: str, waited_s: float, limit: str, last: grpc.RpcError):
-        super().__init__()
-        self.address, self.waited_s, self.limit, self.last = address, waited_s, limit, last
-        self.delivered = 0
-        self.unanswered: list[str] = []
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        text = f"no answer for {self.waited_s:.1f} s, giving up ({self.limit})"
-        if self.unanswered:
-            count = len(self.unanswered)
-            text += f"; no result for {count} item{'s' if count != 1 else ''} read from the input, the first {self.unanswered[0]!r}"
-        last = " ".join(str(self.last.details() or self.last.code().name).split())  # grpc's text may span lines
-        return f"{text}; last status: {last}"
-
-    def __str__(self) -> str:
-        return f"{self.address}: {self.details()}"
-
-
-class _Outage:
-    """The server's silence, from the first failed try since its last answer: the retry budget's clock."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.attempt = 0
-
-    def waited(self) -> float:
-        return time.monotonic() - self.started
-
-
-def _retryable(error: grpc.RpcError) -> bool:
-    """UNAVAILABLE; or the INTERNAL that grpc's asyncio client makes up when a write fails as the stream
-    ends (grpc/grpc#36066): it replaces the status the server sent, which a server going away (the
-    case here: a write in flight as its connection closes) sends as UNAVAILABLE. A status the server
-    really meant comes back on the next try."""
-    code = error.code()
-    return code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.INTERNAL and error.details() == _WRITE_RACE)
 
 
 def _check_seconds(name: str, value, *, zero: bool = False) -> None:
@@ -289,7 +242,7 @@ class AsyncMimeticClient:
 
     async def _stream(
         self, panoramas, *, views=None, vocabularies=None, top_k=None, outputs=None, thumbnail_size=None, item_timeout_s=None,
-    ) -> _EmbedStream:
+    ) -> RequestStream:
         """An ``embed`` call's stream, not yet open: the request template, checked against the server's info."""
         _check_settings(views, outputs, top_k, item_timeout_s)
         info = await self._server_info()
@@ -317,210 +270,68 @@ class AsyncMimeticClient:
             raise ValueError(f"{len(failure_views)} views, over the server's limit of {info.limits.max_views} per panorama")
         if pb.OUTPUT_THUMBNAILS in template.outputs and info.limits.max_thumbnail_size and (thumbnail_size or 0) > info.limits.max_thumbnail_size:
             raise ValueError(f"thumbnail_size {thumbnail_size} is over the server's limit of {info.limits.max_thumbnail_size}")
-        return _EmbedStream(
-            self, panoramas, template, window=self.max_in_flight or info.limits.max_in_flight,
-            max_bytes=min(self.max_message_bytes, info.limits.max_message_bytes), dtype=getattr(torch, info.dtype),
-            failure_views=failure_views,
-        )
+        dtype = getattr(torch, info.dtype)
 
+        def failed(panorama, exc: Exception) -> EmbedResult:  # as the Engine answers an item that fails its checks
+            return EmbedResult(id=str(getattr(panorama, "id", None)), views=failure_views, meta=item_meta(panorama),
+                               error=error_message(panorama, exc))
 
-class _EmbedStream:
-    """One ``embed`` call: a writer that sends while a slot is free, a reader that matches answers by
-    request_id, and a supervisor that opens a new stream after UNAVAILABLE and sends the unanswered again.
+        return self._request_stream(panoramas, template, info, self._stub.Embed, failed,
+                                    lambda response: wire.result_from_response(response, dtype=dtype, views=failure_views))
 
-    A slot is taken before a panorama is pulled from the caller's iterable and given back when its
-    result has been handed to the caller, so at most ``window`` panoramas are held here at any time.
-    """
+    def _request_stream(self, panoramas, template, info: pb.Info, method, failed, convert) -> RequestStream:
+        return RequestStream(self, panoramas, template, window=self.max_in_flight or info.limits.max_in_flight,
+                             max_bytes=min(self.max_message_bytes, info.limits.max_message_bytes), method=method,
+                             convert=convert, failed=failed)
 
-    def __init__(self, client: AsyncMimeticClient, source, template, *, window, max_bytes, dtype, failure_views):
-        self.client = client
-        self.source = source
-        self.template = template
-        self.max_bytes = max_bytes
-        self.dtype = dtype
-        self.failure_views = failure_views
-        self.slots = asyncio.Semaphore(window)
-        self.pending: dict[str, tuple[int, Panorama, pb.EmbedRequest]] = {}  # sent, not answered: by request_id
-        self.arrivals: asyncio.Queue = asyncio.Queue()  # (seq, result), an exception, or _DONE; each result holds a slot
-        self.next_seq = 0
-        self.exhausted = False
-        self._iterator = None
-        self._pulling: asyncio.Future | None = None
+    # -- Dream and Caption --------------------------------------------------------------------
 
-    async def results(self, ordered: bool) -> AsyncIterator[EmbedResult]:
-        supervisor = asyncio.create_task(self._supervise())
-        waiting: dict[int, EmbedResult] = {}  # arrived ahead of an earlier one (ordered)
-        next_out = delivered = 0
-        try:
-            while (entry := await self.arrivals.get()) is not _DONE:
-                if isinstance(entry, BaseException):
-                    if isinstance(entry, ServerUnavailableError):
-                        entry.delivered, entry.unanswered = delivered, self._unanswered(waiting)
-                    raise entry
-                seq, result = entry
-                if not ordered:
-                    delivered += 1
-                    yield result
-                    self.slots.release()
-                    continue
-                waiting[seq] = result
-                while next_out in waiting:
-                    delivered += 1
-                    yield waiting.pop(next_out)
-                    next_out += 1
-                    self.slots.release()
-        finally:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+    def dream(self, panoramas: Iterable[Panorama] | AsyncIterable[Panorama], params: DreamParams, *, views=None,
+              ordered: bool = True, item_timeout_s: float | None = None) -> AsyncIterator[DreamResult]:
+        """Dream every view of every panorama on the server: a ``DreamResult`` for each, as
+        ``engine.dream.dream.dream_iter`` gives them (input order unless ``ordered=False``), with the same
+        streaming, per-item errors and retries as ``embed``.
 
-    def _unanswered(self, waiting: dict[int, EmbedResult]) -> list[str]:
-        """The ids, in input order, of the items read from the input whose result the caller has not had."""
-        held = [(seq, panorama.id) for seq, panorama, _ in self.pending.values()]
-        held += [(seq, result.id) for seq, result in waiting.items()]  # answered, but behind one that was not
-        pulling = self._pulling  # read from the input, not yet sent
-        if pulling is not None and pulling.done() and not pulling.cancelled() and pulling.exception() is None:
-            produced = pulling.result()
-            if produced is not _END:
-                held.append((produced[0], str(getattr(produced[1], "id", None))))
-        return [item_id for _, item_id in sorted(held)]
+        ``params`` is the ``DreamParams`` of ``mimetic dream``; its ``from_labels`` name the server's
+        vocabularies and its ``batch_size`` is the server's to choose. ``views``: a preset name or a list of
+        views (default: the server's). The parameters are checked here, at the call (ValueError).
+        """
+        check_dream(params)
+        check_views(views)
+        if item_timeout_s is not None:
+            _check_seconds("item_timeout_s", item_timeout_s)
+        return self._results(self._dream_stream(panoramas, params, views, item_timeout_s), ordered)
 
-    async def _next(self):
-        """The next (seq, panorama, request or failed result), or _END. Shielded: a pull cut short by a
-        retry is not lost, the next writer awaits the same one, since the caller's iterator cannot take
-        an item back. Only a pull whose item was handed over is forgotten: a writer cancelled just as its
-        pull finished (the item there, the writer never resumed with it) leaves the item to the next."""
-        if self._pulling is None:
-            self._pulling = asyncio.ensure_future(self._produce())
-        try:
-            produced = await asyncio.shield(self._pulling)
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            self._pulling = None  # the caller's iterable failed: raised once, where it iterates
-            raise
-        self._pulling = None
-        return produced
+    async def _dream_stream(self, panoramas, params, views, item_timeout_s) -> RequestStream:
+        info = await self._server_info()
+        template = dream_template(info, params, views, item_timeout_s)
+        return self._request_stream(panoramas, template, info, self._stub.Dream, failed_dream, wire.dream_result_from_response)
 
-    async def _produce(self):
-        panorama = await self._pull()
-        if panorama is _END:
-            return _END
-        seq = self.next_seq
-        self.next_seq += 1
-        try:
-            if isinstance(getattr(panorama, "data", None), (str, os.PathLike)):
-                return seq, panorama, await asyncio.to_thread(self._request, panorama, seq)  # a file read: off the loop
-            return seq, panorama, self._request(panorama, seq)
-        except (DecodeError, TypeError, ValueError) as exc:  # this item fails here; the others go on
-            return seq, panorama, self._failed(panorama, exc)
+    def caption(self, panoramas: Iterable[Panorama] | AsyncIterable[Panorama], *, flavours: list[str] | None = None, views=None,
+                beams: int | None = None, max_tokens: int | None = None, ordered: bool = True,
+                item_timeout_s: float | None = None) -> AsyncIterator[Captioned]:
+        """Caption every view of every panorama on the server: a ``Captioned`` for each, as
+        ``engine.dream.interrogate.interrogate`` gives them, with ``embed``'s streaming, errors and retries.
 
-    async def _pull(self):
-        if self._iterator is None:
-            source = self.source
-            self._iterator = aiter(source) if isinstance(source, AsyncIterable) else iter(source)
-        if isinstance(self._iterator, AsyncIterator):
-            return await anext(self._iterator, _END)
-        if isinstance(self.source, (list, tuple)):
-            return next(self._iterator, _END)
-        return await asyncio.to_thread(next, self._iterator, _END)  # a generator may read files: off the loop
+        ``flavours``: some of the server's vocabularies, in prompt order (default: all of them); ``beams``
+        and ``max_tokens``: at most the server's (default: the server's). Checked here, at the call.
+        """
+        check_views(views)
+        if item_timeout_s is not None:
+            _check_seconds("item_timeout_s", item_timeout_s)
+        return self._results(self._caption_stream(panoramas, flavours, views, beams, max_tokens, item_timeout_s), ordered)
 
-    async def _supervise(self) -> None:
-        outage = None  # since the last answer, if the server has gone silent
-        try:
-            while True:
-                call = self.client._stub.Embed(metadata=self.client.metadata)
-                writer = asyncio.create_task(self._write(call))
-                try:
-                    async for response in call:
-                        outage = None  # an answer: the budget starts afresh at the next failure
-                        self._arrived(response)
-                    if self.pending or not self.exhausted:
-                        raise RuntimeError(f"the server ended the stream early ({len(self.pending)} requests unanswered)")
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if _retryable(exc) and self.exhausted and not self.pending:
-                        break  # everything was answered before the server went away
-                    failure = exc
-                finally:
-                    writer.cancel()
-                    call.cancel()
-                    await asyncio.wait([writer])  # gone before a new writer resends what is pending
-                outage = outage or _Outage()
-                await self.client._retry_or_raise(outage, failure)
-            self.arrivals.put_nowait(_DONE)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # handed to the caller, raised where it iterates
-            self.arrivals.put_nowait(exc)
+    async def _caption_stream(self, panoramas, flavours, views, beams, max_tokens, item_timeout_s) -> RequestStream:
+        info = await self._server_info()
+        template = caption_template(info, flavours, beams, max_tokens, views, item_timeout_s)
+        dtype = getattr(torch, info.dtype)
+        return self._request_stream(panoramas, template, info, self._stub.Caption, failed_caption,
+                                    lambda response: wire.captioned_from_response(response, dtype))
 
-    async def _write(self, call) -> None:
-        try:
-            for _, _, request in sorted(self.pending.values(), key=lambda entry: entry[0]):
-                await call.write(request)  # a new stream: send again what the last one left unanswered
-            while not self.exhausted:
-                await self.slots.acquire()
-                try:
-                    produced = await self._next()
-                except asyncio.CancelledError:
-                    self.slots.release()  # the next writer takes a slot again for the same item
-                    raise
-                except Exception as exc:  # the caller's iterable failed: raise it there
-                    self.arrivals.put_nowait(exc)
-                    return
-                if produced is _END:
-                    self.exhausted = True
-                    self.slots.release()
-                    break
-                seq, panorama, request = produced
-                if isinstance(request, EmbedResult):  # failed before it could be sent
-                    self.arrivals.put_nowait((seq, request))
-                    continue
-                self.pending[request.request_id] = (seq, panorama, request)
-                await call.write(request)
-            await call.done_writing()
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            return  # the call ended; the reader has its status
-        except Exception as exc:  # not to be left hanging: the caller sees it
-            self.arrivals.put_nowait(exc)
-
-    def _request(self, panorama: Panorama, seq: int) -> pb.EmbedRequest:
-        check_panorama(panorama)  # the Engine's own rules for the fields; the image is the server's Engine's to check
-        request = pb.EmbedRequest()
-        request.CopyFrom(self.template)
-        request.request_id = str(seq)
-        request.id = panorama.id
-        request.yaw_offset = panorama.yaw_offset
-        request.meta.CopyFrom(wire.meta_to_struct(panorama.meta))
-        data = panorama.data
-        if isinstance(data, torch.Tensor):
-            data = data.detach().cpu().numpy()
-        if isinstance(data, np.ndarray):
-            # The Engine's own array rules (grey, RGBA, 16-bit), applied here; the pixel limit is the server's.
-            pixels = decode_image(data, name=panorama.id, max_pixels=None)
-            height, width, channels = pixels.shape
-            request.image.raw.CopyFrom(pb.RawImage(data=pixels.tobytes(), height=height, width=width, channels=channels))
-        else:
-            request.image.encoded = read_bytes(data, panorama.id)
-        size = request.ByteSize()
-        if size > self.max_bytes:
-            raise ValueError(f"the request is {size:,} bytes, over the message limit of {self.max_bytes:,} bytes")
-        return request
-
-    def _failed(self, panorama, exc: Exception) -> EmbedResult:
-        """As the Engine answers an item that fails its checks: the message names it once."""
-        return EmbedResult(
-            id=str(getattr(panorama, "id", None)), views=self.failure_views, meta=item_meta(panorama), error=error_message(panorama, exc),
-        )
-
-    def _arrived(self, response: pb.EmbedResponse) -> None:
-        entry = self.pending.pop(response.request_id, None)
-        if entry is None:
-            raise RuntimeError(f"the server answered request_id {response.request_id!r}, which was not in flight")
-        seq, panorama, _ = entry
-        result = wire.result_from_response(response, dtype=self.dtype, views=self.failure_views)
-        result.id, result.meta = panorama.id, panorama.meta  # the caller's own objects, as the Engine gives them back
-        self.arrivals.put_nowait((seq, result))
+    async def _results(self, opening, ordered: bool) -> AsyncIterator:
+        stream = await opening
+        async for result in stream.results(ordered):
+            yield result
 
 
 class MimeticClient:
@@ -550,6 +361,21 @@ class MimeticClient:
         """As ``AsyncMimeticClient.embed``; every setting is checked here, at the call, against the server's
         info too (a ValueError before any panorama is read). Stopping the iteration early cancels the stream."""
         stream = self._run(self._client._stream(panoramas, **settings))
+        return self._iterate(stream.results(ordered))
+
+    def dream(self, panoramas: Iterable[Panorama], params: DreamParams, *, views=None, ordered: bool = True,
+              item_timeout_s: float | None = None) -> Iterator[DreamResult]:
+        """As ``AsyncMimeticClient.dream``; checked here, at the call, against the server's info too."""
+        check_dream(params)
+        check_views(views)
+        stream = self._run(self._client._dream_stream(panoramas, params, views, item_timeout_s))
+        return self._iterate(stream.results(ordered))
+
+    def caption(self, panoramas: Iterable[Panorama], *, flavours: list[str] | None = None, views=None, beams: int | None = None,
+                max_tokens: int | None = None, ordered: bool = True, item_timeout_s: float | None = None) -> Iterator[Captioned]:
+        """As ``AsyncMimeticClient.caption``; checked here, at the call, against the server's info too."""
+        check_views(views)
+        stream = self._run(self._client._caption_stream(panoramas, flavours, views, beams, max_tokens, item_timeout_s))
         return self._iterate(stream.results(ordered))
 
     def _iterate(self, results) -> Iterator[EmbedResult]:

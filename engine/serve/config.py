@@ -25,7 +25,7 @@ class ServerConfig:
     max_delay_ms: float = 5.0  # the longest the first item of a batch waits for others
     max_in_flight: int = 16  # K: requests per stream read ahead of the responses written
     max_queue: int = 512  # items waiting for a batch, over every stream
-    # Embed and Dream streams open at once, counted by the service after the token check (more are
+    # Embed, Dream and Caption streams open at once, counted by the service after the token check (more are
     # refused with RESOURCE_EXHAUSTED). Health checks and reflection are not counted: they cannot be starved.
     max_streams: int = 64
     idle_timeout_s: float = 60.0  # a stream with nothing in flight that sends nothing this long is ended
@@ -36,15 +36,24 @@ class ServerConfig:
     token: str | None = None  # bearer token; None: no authentication
     tls_cert: str | None = None  # PEM certificate chain (path); with tls_key: TLS
     tls_key: str | None = None
+    # Dream (with --sd-model): the limits that keep one request from holding the model for minutes, and
+    # the batching of views from every stream into diffusion calls.
+    max_dream_steps: int = 100  # denoising steps of a dream's full schedule
+    max_dream_views: int = 8  # views per Dream item
+    max_dream_batch: int = 8  # images per diffusion call (DreamParams.batch_size, mimetic dream's --sd-batch-size)
+    max_dream_delay_ms: float = 50.0  # the longest a diffusion call's first item waits for others
+    max_caption_batch: int = 64  # views per captioner call (Caption, with --caption-model), over every stream
 
     def check(self) -> None:
-        for name in ("max_in_flight", "max_queue", "max_streams", "max_message_bytes", "max_views", "max_thumbnail_size"):
+        for name in ("max_in_flight", "max_queue", "max_streams", "max_message_bytes", "max_views", "max_thumbnail_size",
+                     "max_dream_steps", "max_dream_views", "max_dream_batch", "max_caption_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_batch is not None and self.max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {self.max_batch}")
-        if not (self.max_delay_ms >= 0 and math.isfinite(self.max_delay_ms)):
-            raise ValueError(f"max_delay_ms must be a finite number >= 0, got {self.max_delay_ms}")
+        for name in ("max_delay_ms", "max_dream_delay_ms"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not (self.idle_timeout_s > 0 and math.isfinite(self.idle_timeout_s)):
             raise ValueError(f"idle_timeout_s (--idle-timeout) must be a finite number of seconds > 0, got {self.idle_timeout_s}")
         if not (self.grace_s >= 0 and math.isfinite(self.grace_s)):

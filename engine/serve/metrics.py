@@ -28,8 +28,12 @@ class Metrics:
     mimetic_views_total                   views embedded (rate() is views/s)
     mimetic_views_per_second              the same over the last 10 s, for a glance
     mimetic_in_flight                     requests read and not yet answered, over every stream
-    mimetic_queue_depth, mimetic_streams  items waiting for a batch; open Embed streams
+    mimetic_queue_depth, mimetic_streams  items waiting for a batch; open Embed, Dream and Caption streams
     mimetic_decode_bytes                  decoded image bytes held in the budget; mimetic_decode_limit_bytes, the budget
+    mimetic_dream_batch_views             images per diffusion call (histogram); mimetic_caption_batch_views, per captioner call
+    mimetic_dream_step_seconds            seconds per denoising step of a diffusion call (the first: from the call's start)
+
+    Dream and Caption items are counted in mimetic_requests_total under their method, by status code.
     """
 
     WINDOW_S = 10.0
@@ -55,9 +59,21 @@ class Metrics:
         self.views = prometheus_client.Counter("mimetic_views", "Views embedded", registry=registry)
         self.in_flight = prometheus_client.Gauge("mimetic_in_flight", "Requests read and not yet answered", registry=registry)
         self.queue_depth = prometheus_client.Gauge("mimetic_queue_depth", "Items waiting for a batch", registry=registry)
-        self.streams = prometheus_client.Gauge("mimetic_streams", "Open Embed streams", registry=registry)
+        self.streams = prometheus_client.Gauge("mimetic_streams", "Open Embed, Dream and Caption streams", registry=registry)
         self.decode_bytes = prometheus_client.Gauge("mimetic_decode_bytes", "Decoded image bytes held in the budget", registry=registry)
         self.decode_limit = prometheus_client.Gauge("mimetic_decode_limit_bytes", "The decoded-bytes budget", registry=registry)
+        self.dream_batch_views = prometheus_client.Histogram(
+            "mimetic_dream_batch_views", "Images per diffusion call (from every stream)", registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.caption_batch_views = prometheus_client.Histogram(
+            "mimetic_caption_batch_views", "Views per captioner call (from every stream)", registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self.dream_step_seconds = prometheus_client.Histogram(
+            "mimetic_dream_step_seconds", "Seconds per denoising step of a diffusion call", registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
         rate = prometheus_client.Gauge("mimetic_views_per_second", "Views embedded per second over the last 10 s", registry=registry)

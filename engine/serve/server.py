@@ -38,7 +38,10 @@ One item's way through, top to bottom:
 Memory is bounded everywhere: at most ``max_streams`` streams of K items each, of which at most
 ``max_queue`` wait for a batch, and at most ``max_decode_mib`` of decoded images over all of them.
 
-Who may hold what. ``max_streams`` counts Embed and Dream streams only, in the service, after the
+Dream and Caption streams (``--sd-model``, ``--caption-model``) go the same way, each with its own batch
+worker thread and model (``engine.serve.generate``): a dream of seconds does not hold Embed's batches.
+
+Who may hold what. ``max_streams`` counts Embed, Dream and Caption streams only, in the service, after the
 token check: an unauthenticated call never holds a slot, and the stream over the limit is refused
 with RESOURCE_EXHAUSTED. A stream with nothing in flight that sends nothing for ``idle_timeout_s``
 (``--idle-timeout``) is ended with DEADLINE_EXCEEDED, so silent streams cannot keep the slots. Health
@@ -85,6 +88,7 @@ from engine.serve.auth import (
     HealthService,
 )
 from engine.serve.config import ServerConfig
+from engine.serve.generate import model_infos
 from engine.serve.metrics import Metrics
 from engine.serve.service import MimeticService
 
@@ -109,15 +113,16 @@ class MimeticServer:
         ...
         await server.drain()      # health NOT_SERVING; in-flight work finished; stopped
 
-    ``engine`` is an Engine or a function that builds one. ``dream_handler``, if given, serves Dream: an
-    object with ``dream(DreamRequest) -> DreamResponse`` (the extension point for the diffusion engine).
+    ``engine`` is an Engine or a function that builds one. ``dreamer`` (an ``engine.models.diffusion.Dreamer``)
+    serves Dream and ``captioner`` (an ``engine.models.caption.Captioner``) serves Caption; each may also
+    be a function that builds one. Every model is built in ``load``, while health says NOT_SERVING.
     """
 
-    def __init__(self, engine: Engine | Callable[[], Engine], config: ServerConfig | None = None, *, dream_handler=None):
+    def __init__(self, engine: Engine | Callable[[], Engine], config: ServerConfig | None = None, *, dreamer=None, captioner=None):
         self.config = config = config or ServerConfig()
         config.check()
         self._engine_or_factory = engine
-        self.dream_handler = dream_handler
+        self._dreamer, self._captioner = dreamer, captioner
         self.metrics = Metrics()
         self.health = HealthService(self.metrics, MAX_WATCHES)
         self.service: MimeticService | None = None
@@ -186,11 +191,17 @@ class MimeticServer:
             self.metrics_port = self._metrics_http.server_port
 
     async def load(self) -> None:
-        """Build the Engine and run it once (in a daemon thread: the loop keeps answering health checks, and a
-        stop while the models load does not wait for them), then serve."""
-        engine = self._engine_or_factory
-        engine = await _in_daemon_thread(lambda: _warmed_up(engine if isinstance(engine, Engine) else engine()), "mimetic-load")
-        self.service = MimeticService(engine, self.config, self.metrics, self._draining, dream_handler=self.dream_handler)
+        """Build the Engine and run it once, and build the Dreamer and the Captioner (in a daemon thread: the
+        loop keeps answering health checks, and a stop while the models load does not wait for them), then serve."""
+        def build():
+            engine = self._engine_or_factory
+            engine = _warmed_up(engine if isinstance(engine, Engine) else engine())
+            dreamer, captioner = (model() if callable(model) else model for model in (self._dreamer, self._captioner))
+            return engine, dreamer, captioner, model_infos(engine, dreamer, captioner)
+
+        engine, dreamer, captioner, models = await _in_daemon_thread(build, "mimetic-load")
+        self.service = MimeticService(engine, self.config, self.metrics, self._draining, dreamer=dreamer, captioner=captioner,
+                                      models=models)
         if not self._draining.is_set():
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -208,7 +219,8 @@ class MimeticServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         clean = True
         if self.service is not None:
-            self.service.batcher.flush_now()  # no more waiting for company
+            for batcher in self.service.batchers():
+                batcher.flush_now()  # no more waiting for company
             try:
                 await asyncio.wait_for(self.service.idle.wait(), grace_s)
             except asyncio.TimeoutError:
@@ -299,6 +311,11 @@ class _Deferred(pb_grpc.MimeticServicer):
             await self._loading(context)
         return await self._service().Dream(request_iterator, context)
 
+    async def Caption(self, request_iterator, context):
+        if self._service() is None:
+            await self._loading(context)
+        return await self._service().Caption(request_iterator, context)
+
     async def EmbedText(self, request, context):
         if self._service() is None:
             await self._loading(context)
@@ -313,11 +330,12 @@ class _Deferred(pb_grpc.MimeticServicer):
 # -- running it -----------------------------------------------------------------------------------
 
 
-async def serve_async(config: ServerConfig, engine: Engine | Callable[[], Engine], *, dream_handler=None, stop: asyncio.Event | None = None) -> int:
+async def serve_async(config: ServerConfig, engine: Engine | Callable[[], Engine], *, dreamer=None, captioner=None,
+                      stop: asyncio.Event | None = None) -> int:
     """Listen, load, serve until SIGTERM or SIGINT (or ``stop``), then drain. Returns an exit status."""
     import signal
 
-    server = MimeticServer(engine, config, dream_handler=dream_handler)
+    server = MimeticServer(engine, config, dreamer=dreamer, captioner=captioner)
     await server.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -347,14 +365,14 @@ async def serve_async(config: ServerConfig, engine: Engine | Callable[[], Engine
     return 0
 
 
-def serve(config: ServerConfig, engine: Engine | Callable[[], Engine], *, dream_handler=None) -> int:
+def serve(config: ServerConfig, engine: Engine | Callable[[], Engine], *, dreamer=None, captioner=None) -> int:
     """``serve_async`` on an event loop of its own. Returns once drained, without waiting for a worker
     thread still busy (a decode, an engine call; they are daemons): the grace period bounds the exit.
     (``asyncio.run`` would also wait for the loop's default executor.)"""
     give_freed_images_back_to_the_os()
     loop = asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(serve_async(config, engine, dream_handler=dream_handler))
+        return loop.run_until_complete(serve_async(config, engine, dreamer=dreamer, captioner=captioner))
     finally:
         left = asyncio.all_tasks(loop)
         for task in left:
@@ -372,11 +390,12 @@ class BackgroundServer:
             server.address, server.metrics_port, server.in_flight
     """
 
-    def __init__(self, engine: Engine | Callable[[], Engine], config: ServerConfig | None = None, *, dream_handler=None, wait_loaded: bool = True):
+    def __init__(self, engine: Engine | Callable[[], Engine], config: ServerConfig | None = None, *, dreamer=None, captioner=None,
+                 wait_loaded: bool = True):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="mimetic-server-loop", daemon=True)
         self._thread.start()
-        self.server = MimeticServer(engine, config or ServerConfig(port=0), dream_handler=dream_handler)
+        self.server = MimeticServer(engine, config or ServerConfig(port=0), dreamer=dreamer, captioner=captioner)
         try:
             self.call(self.server.start())
         except BaseException:

@@ -1,4 +1,4 @@
-"""The gRPC service: the four RPCs over one Engine (see ``engine.serve.server``)."""
+"""The gRPC service: the RPCs over one Engine, and a Dreamer and a Captioner when loaded (see ``engine.serve.server``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -16,8 +17,8 @@ from engine.decode import DecodeError, ImageTooLargeError
 from engine.pipeline import Engine
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
-from engine.serve import wire
-from engine.serve.answers import Answers, _status
+from engine.serve import generate, wire
+from engine.serve.answers import Answers
 from engine.serve.batching import Batcher
 from engine.serve.config import ServerConfig
 from engine.serve.metrics import Metrics
@@ -34,10 +35,25 @@ _VARIANTS_KEPT = 16  # view sets other than the server's (Engine.with_views: eac
 # -- the service ----------------------------------------------------------------------------------
 
 
-class MimeticService(Answers, pb_grpc.MimeticServicer):
-    """The four RPCs over one Engine. Runs on one event loop; the Engine runs in the Batcher's thread."""
+@dataclass
+class Kind:
+    """What differs between the streaming RPCs; the rest (slots, admission, budget, deadlines, draining) is shared."""
 
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics, draining: asyncio.Event, dream_handler=None):
+    method: str  # "Embed", "Dream" or "Caption"
+    response: type  # its response message
+    parse: Callable[[Item], None]  # the request's own parameters -> the item's (ItemError for a bad one)
+    measure: Callable[[Item], Prepared]  # its image through the Engine's input stage (in a decode thread)
+    respond: Callable  # (item, result, stats, done_at) -> its response, or None once answered with its error
+    batcher: Batcher
+    smaller: str  # what to ask for when a response is over the message limit
+
+
+class MimeticService(Answers, pb_grpc.MimeticServicer):
+    """The RPCs over one Engine (and a Dreamer, a Captioner). Runs on one event loop; each model runs in its
+    Batcher's thread."""
+
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics, draining: asyncio.Event, *, dreamer=None,
+                 captioner=None, models: list[dict] | None = None):
         # The one budget of decoded bytes for the whole server (every stream, every view set) is the
         # Engine's. The server admits every item against it before the item reaches a batch and hands
         # the Engine decoded items, for which it holds nothing again: so the engine thread never waits
@@ -47,14 +63,13 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self.dream_handler = dream_handler
         self.draining = draining
         self.cut = asyncio.Event()  # the grace period is over: every stream still open ends now
         self.max_batch = config.max_batch or engine.config.batch_size
         self.in_flight = 0  # requests read and not yet answered, over every stream
         self.streams: set[Stream] = set()
-        self.open_streams = 0  # Embed and Dream calls between their admission and their very end
-        self.idle = asyncio.Event()  # no open Embed or Dream call
+        self.open_streams = 0  # Embed, Dream and Caption calls between their admission and their very end
+        self.idle = asyncio.Event()  # no open Embed, Dream or Caption call
         self.idle.set()
         self.loop = asyncio.get_running_loop()
         # Decoding runs in threads next to the model (PIL and the kernels release the GIL).
@@ -66,10 +81,22 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         )
         self._variants: collections.OrderedDict[tuple, Engine] = collections.OrderedDict()
         self._labels = {name: list(v.labels) for name, v in engine.vocabularies.items()}
+        self.models = models or []
+        self.kinds = {"Embed": Kind("Embed", pb.EmbedResponse, self._parse, self._measure, self._embed_response, self.batcher,
+                                    "ask for fewer outputs or smaller thumbnails")}
+        self.dreamer, self.captioner = dreamer, captioner
+        if dreamer is not None:
+            self.kinds["Dream"] = generate.dream_kind(self, dreamer)
+        if captioner is not None:
+            self.kinds["Caption"] = generate.caption_kind(self, captioner)
+
+    def batchers(self) -> list[Batcher]:
+        return [kind.batcher for kind in self.kinds.values()]
 
     def close(self) -> None:
         """Stop the workers without waiting for them, and give back every byte still held in the budget."""
-        self.batcher.close()
+        for batcher in self.batchers():
+            batcher.close()
         self.decode_pool.shutdown(cancel_futures=True)
         self.text_pool.shutdown(cancel_futures=True)
         self.holds.release_all()
@@ -83,14 +110,18 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
             max_delay_ms=c.max_delay_ms, max_message_bytes=c.max_message_bytes, max_pixels=self.engine.config.max_pixels,
             max_views=c.max_views, max_thumbnail_size=c.max_thumbnail_size, max_streams=c.max_streams,
             max_decode_bytes=self.holds.budget.limit, idle_timeout_s=c.idle_timeout_s,
+            max_dream_steps=c.max_dream_steps, max_dream_views=c.max_dream_views, max_dream_batch=c.max_dream_batch,
+            max_dream_delay_ms=c.max_dream_delay_ms, max_caption_batch=c.max_caption_batch,
         )
 
     async def GetInfo(self, request, context):
         self.metrics.requests.labels("GetInfo", "OK").inc()
-        return wire.info_to_proto(
-            self.engine.info(), limits=self.limits(), dream=self.dream_handler is not None,
+        info = wire.info_to_proto(
+            self.engine.info(), limits=self.limits(), dream=self.dreamer is not None,
             view_presets=PRESETS, vocabulary_labels=self._labels,
         )
+        generate.add_info(info, self.dreamer, self.captioner, self.models)
+        return info
 
     async def EmbedText(self, request, context):
         texts = list(request.texts)
@@ -106,7 +137,7 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
 
     @contextlib.asynccontextmanager
     async def _stream_slot(self, method: str, context):
-        """Admit an Embed or Dream stream (the token was checked before: a refused call never gets here)."""
+        """Admit an Embed, Dream or Caption stream (the token was checked before: a refused call never gets here)."""
         if self.draining.is_set():
             self.metrics.requests.labels(method, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining: send this stream elsewhere or later")
@@ -114,7 +145,7 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
             self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server has {self.open_streams} Embed and Dream streams open, its limit (--max-streams "
+                f"the server has {self.open_streams} Embed, Dream and Caption streams open, its limit (--max-streams "
                 f"{self.config.max_streams}): finish one, or retry later or elsewhere",
             )
         self.open_streams += 1
@@ -155,7 +186,7 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         for stream in list(self.streams):
             if not stream.ended:
                 stream.ended_by = "grace"
-                self.metrics.requests.labels("Embed", "UNAVAILABLE").inc(stream.unanswered)  # read, never answered
+                self.metrics.requests.labels(stream.method, "UNAVAILABLE").inc(stream.unanswered)  # read, never answered
                 self._abandon(stream)
                 stream.end_now()
 
@@ -172,55 +203,25 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
             stop.cancel()
             task.cancel()
 
-    # -- Dream: the extension point for the diffusion engine -----------------------------------
+    # -- Dream and Caption: the same stream as Embed, over the Dreamer and the Captioner ----------
 
     async def Dream(self, request_iterator, context):
-        """``dream_handler.dream(DreamRequest) -> DreamResponse``, one request at a time in a worker thread.
+        """Stable Diffusion over the request's views (``engine.serve.generate``); UNIMPLEMENTED without ``--sd-model``."""
+        await self._generate("Dream", "a diffusion engine (mimetic serve --sd-model DIR)", request_iterator, context)
 
-        Without a handler the call is UNIMPLEMENTED: ``mimetic serve`` passes none yet (the diffusion engine,
-        ``engine.models.diffusion.Dreamer``, exists; serving it over gRPC is still to come).
-        A ValueError from the handler is the item's INVALID_ARGUMENT, anything else its INTERNAL; the
-        stream goes on either way. Like Embed, a Dream stream counts against max_streams, is ended when
-        idle, reads nothing more once the server drains and is cut at the end of the grace period.
-        """
-        if self.dream_handler is None:
-            self.metrics.requests.labels("Dream", "UNIMPLEMENTED").inc()
+    async def Caption(self, request_iterator, context):
+        """Captions and interrogator prompts of the request's views; UNIMPLEMENTED without ``--caption-model``."""
+        await self._generate("Caption", "a captioner (mimetic serve --caption-model DIR)", request_iterator, context)
+
+    async def _generate(self, method: str, needs: str, request_iterator, context) -> None:
+        if method not in self.kinds:
+            self.metrics.requests.labels(method, "UNIMPLEMENTED").inc()
+            served = ", ".join(name for name in ("Embed", "Dream", "Caption") if name in self.kinds)
             await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "Dream needs a diffusion engine and this server has none (MimeticServer(..., dream_handler=...)); Embed, "
-                "EmbedText and GetInfo are served",
+                grpc.StatusCode.UNIMPLEMENTED, f"{method} needs {needs} and this server has none; {served}, EmbedText and GetInfo are served",
             )
-        async with self._stream_slot("Dream", context):
-            iterator, answered = aiter(request_iterator), 0
-            while True:
-                try:
-                    request = await self._unless(self.draining, asyncio.wait_for(anext(iterator, None), self.config.idle_timeout_s))
-                except asyncio.TimeoutError:
-                    self.metrics.requests.labels("Dream", "DEADLINE_EXCEEDED").inc()
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._idle_message())
-                if request is None:
-                    return
-                if request is _DRAINING:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"the server is draining: the {answered} requests it read were answered and no more are read; "
-                        "send the others again, elsewhere or later",
-                    )
-                try:
-                    work = self.loop.run_in_executor(self.text_pool, self.dream_handler.dream, request)
-                    response = await self._unless(self.cut, work)
-                    if response is _DRAINING:
-                        self.metrics.requests.labels("Dream", "UNAVAILABLE").inc()
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_message(answered))
-                    response.request_id = request.request_id
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    code = code_pb2.INVALID_ARGUMENT if isinstance(exc, ValueError) else code_pb2.INTERNAL
-                    response = pb.DreamResponse(request_id=request.request_id, id=request.id, status=_status(code, str(exc)))
-                self.metrics.requests.labels("Dream", code_pb2.Code.Name(response.status.code)).inc()
-                await context.write(response)
-                answered += 1
+        async with self._stream_slot(method, context):
+            await self._serve_stream(method, request_iterator, context)
 
     def _cut_message(self, answered: int) -> str:
         return (
@@ -232,10 +233,10 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
 
     async def Embed(self, request_iterator, context):
         async with self._stream_slot("Embed", context):
-            await self._embed(request_iterator, context)
+            await self._serve_stream("Embed", request_iterator, context)
 
-    async def _embed(self, request_iterator, context) -> None:
-        stream = Stream(self.config.max_in_flight)
+    async def _serve_stream(self, method: str, request_iterator, context) -> None:
+        stream = Stream(self.config.max_in_flight, method)
         self.streams.add(stream)
         self.metrics.streams.inc()
         remaining = context.time_remaining()
@@ -253,7 +254,7 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         if stream.failure is not None:
             await context.abort(grpc.StatusCode.INTERNAL, f"the server failed reading the stream: {stream.failure!r}")
         if stream.ended_by == "idle":
-            self.metrics.requests.labels("Embed", "DEADLINE_EXCEEDED").inc()
+            self.metrics.requests.labels(method, "DEADLINE_EXCEEDED").inc()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._idle_message())
         if stream.ended_by == "grace":
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_message(stream.answered))
@@ -339,14 +340,17 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
             return
         item = Item(stream, request, request_id, item_id, read_at)
         stream.items[request_id] = item  # before any await: a repeated request_id is seen at once
+        kind = self.kinds[stream.method]
         try:
-            self._parse(item, call_deadline)
-            item.prepared = await self._in_decode_pool(item, self._measure)
+            kind.parse(item)
+            deadlines = [d for d in (call_deadline, read_at + request.timeout_ms / 1e3 if request.timeout_ms else None) if d]
+            item.deadline = min(deadlines) if deadlines else None
+            item.prepared = await self._in_decode_pool(item, kind.measure)
             await self._take(item, item.prepared.cost)
             await self._in_decode_pool(item, self._decode)
             item.decode_s = time.monotonic() - read_at  # the header, the wait for the budget, the decode
             if not item.finished:
-                await self.batcher.put(item)  # from here on the batch worker or the answer lets it go
+                await kind.batcher.put(item)  # from here on the batch worker or the answer lets it go
                 return
         except ItemError as exc:
             self._on_error(item, exc.code, str(exc))
@@ -387,9 +391,9 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
                 "for room in the decode budget; it was dropped before decoding",
             ) from None
 
-    def _parse(self, item: Item, call_deadline: float | None) -> None:
-        """The request's own parameters (the views, what to answer, the deadline), checked against the
-        server's Engine and limits; its image and yaw_offset are the Engine's to check (``_measure``)."""
+    def _parse(self, item: Item) -> None:
+        """An Embed request's own parameters (the views, what to answer), checked against the server's Engine
+        and limits; its image and yaw_offset are the Engine's to check (``_measure``)."""
         request, name = item.request, item.item_id
         item.engine = self._engine_for(request, name)
         if item.views > self.config.max_views:
@@ -417,10 +421,8 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
                     code_pb2.RESOURCE_EXHAUSTED, f"{name}: thumbnail_size {size} is over the limit of {self.config.max_thumbnail_size}"
                 )
             item.thumbnail_size = size
-        deadlines = [d for d in (call_deadline, item.read_at + request.timeout_ms / 1e3 if request.timeout_ms else None) if d]
-        item.deadline = min(deadlines) if deadlines else None
 
-    def _engine_for(self, request: pb.EmbedRequest, name: str) -> Engine:
+    def _engine_for(self, request, name: str) -> Engine:
         """The Engine itself, or the Engine with the request's views (``Engine.with_views``), the last few kept."""
         selection = request.WhichOneof("view_selection")
         if selection is None:
@@ -449,13 +451,14 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
         self._variants.move_to_end(key)
         return variant
 
-    def _measure(self, item: Item) -> Prepared:
+    def _measure(self, item: Item, **options) -> Prepared:
         """In a decode thread: the Engine's input stage (``Engine.prepare``) on the request's image, from its
-        header alone: the item's checks, and the bytes decoding it takes, to admit it against the budget."""
+        header alone: the item's checks, and the bytes decoding it takes, to admit it against the budget.
+        ``options`` go to ``prepare`` (Dream and Caption: the width their model's views need, host pixels)."""
         request, name = item.request, item.item_id
         try:
             panorama = Panorama(id=name, data=wire.image_from_proto(request.image, name), yaw_offset=request.yaw_offset)
-            return item.engine.prepare(panorama, thumbnails=item.thumbnail_size)
+            return item.engine.prepare(panorama, **(options or {"thumbnails": item.thumbnail_size}))
         except ImageTooLargeError as exc:
             raise ItemError(code_pb2.RESOURCE_EXHAUSTED, str(exc)) from None
         except DecodeError as exc:

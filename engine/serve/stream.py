@@ -46,6 +46,7 @@ class Item:
     finished: bool = False  # answered, or its stream went away: later stages skip it
     hold: Reservation | None = None  # its bytes in the decode budget, from admission until it leaves (see _Holds)
     in_thread: bool = False  # a decode thread is working on it
+    params: object = None  # Dream: its DreamParams; Caption: its CaptionSettings (engine.serve.generate)
 
     @property
     def views(self) -> int:
@@ -105,9 +106,11 @@ def _give_back_if_granted(acquiring: asyncio.Future) -> None:
 
 
 class Stream:
-    """One Embed call: its K slots, its items in flight (by request_id) and its responses to write."""
+    """One Embed, Dream or Caption call (``method``): its K slots, its items in flight (by request_id) and its
+    responses to write."""
 
-    def __init__(self, max_in_flight: int):
+    def __init__(self, max_in_flight: int, method: str = "Embed"):
+        self.method = method
         self.slots = asyncio.Semaphore(max_in_flight)
         self.held = 0  # slots taken: requests read whose response has not been written yet
         self.unanswered = 0  # requests read whose response has not been queued yet

@@ -9,10 +9,13 @@ The one module that knows both sides, so that ``server`` and ``client`` convert 
     info_to_proto(info, ...) / info_from_proto(msg)  Engine.info() plus the server's limits
     result_from_response(msg, ...)                   an EmbedResponse -> the EmbedResult the Engine gives
     image_from_proto(msg, item) / views_from_proto(m) a request's image and views, as the Engine takes them
+    dream_to_proto(d) / dream_result_from_response(m) a Dream <-> ViewDream (PNG images); a DreamResponse -> DreamResult
+    caption_to_proto(c, f) / captioned_from_response  a Captioned <-> ViewCaptions; a CaptionResponse -> Captioned
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict
 
 import numpy as np
@@ -155,8 +158,17 @@ def info_from_proto(message: pb.Info) -> dict:
             "view_presets": list(message.view_presets),
             "labels": {v.name: list(v.labels) for v in message.vocabularies},
             "dream": message.dream,
+            "caption": message.caption,
+            "models": [_fields(m) for m in message.models],
+            "diffusion": _fields(message.diffusion) if message.HasField("diffusion") else None,
+            "captioner": _fields(message.captioner) if message.HasField("captioner") else None,
         },
     }
+
+
+def _fields(message) -> dict:
+    """A flat message -> {field: value}, repeated fields as lists (uint64 stays an int, unlike JSON)."""
+    return {f.name: list(getattr(message, f.name)) if f.is_repeated else getattr(message, f.name) for f in message.DESCRIPTOR.fields}
 
 
 def result_from_response(response: pb.EmbedResponse, *, dtype: torch.dtype, views: list[ViewSpec]) -> EmbedResult:
@@ -205,3 +217,89 @@ def views_from_proto(message: pb.ViewList) -> list[dict]:
         fields.update({name: getattr(view, name) for name in ("fov", "width", "height") if getattr(view, name)})
         views.append(fields)
     return views
+
+
+# -- Dream and Caption ----------------------------------------------------------------------------
+
+
+def png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (lossless: the pixels a client gets are the model's)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def from_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def dream_to_proto(dream) -> pb.ViewDream:
+    """An ``engine.dream.dream.Dream`` -> ``ViewDream``: images as PNG, labels per placeholder, the trajectory."""
+    message = pb.ViewDream(
+        index=dream.index, view=view_to_proto(dream.view), prompt=dream.prompt, seed=dream.seed,
+        source=png(dream.source), image=png(dream.image), scores=dream.scores,
+        labels=[pb.VocabularyLabels(vocabulary=key, labels=[pb.Label(label=label, p=p) for label, p in top])
+                for key, top in dream.labels.items()],
+    )
+    if dream.nsfw is not None:
+        message.nsfw = bool(dream.nsfw)
+    if dream.trajectory is not None:
+        t = dream.trajectory
+        message.trajectory.CopyFrom(pb.Trajectory(steps=t.steps, frames=[png(frame) for frame in t.frames], drift=t.drift,
+                                                  prompt_cosine=t.prompt_cosine))
+    return message
+
+
+def dream_result_from_response(response: pb.DreamResponse):
+    """A ``DreamResponse`` -> the ``DreamResult`` that ``engine.dream.dream.dream`` gives (``error`` from the status).
+
+    Scores and probabilities cross the wire as float32; the images are the model's pixels (PNG).
+    """
+    from engine.dream.dream import Dream, DreamResult, Trajectory
+
+    meta = meta_from_struct(response.meta)
+    if response.status.code != 0:
+        return DreamResult(id=response.id, meta=meta, error=response.status.message)
+    dreams = []
+    for d in response.dreams:
+        trajectory = None
+        if d.HasField("trajectory"):
+            t = d.trajectory
+            frames = np.stack([from_png(f) for f in t.frames]) if t.frames else np.zeros((0, 0, 0, 3), np.uint8)
+            trajectory = Trajectory(steps=list(t.steps), frames=frames, drift=list(t.drift), prompt_cosine=list(t.prompt_cosine))
+        dreams.append(Dream(
+            index=d.index, view=view_from_proto(d.view), prompt=d.prompt, seed=d.seed, source=from_png(d.source),
+            image=from_png(d.image), scores=dict(d.scores),
+            labels={v.vocabulary: [(label.label, label.p) for label in v.labels] for v in d.labels},
+            nsfw=d.nsfw if d.HasField("nsfw") else None, trajectory=trajectory,
+        ))
+    return DreamResult(id=response.id, dreams=dreams, meta=meta)
+
+
+def caption_to_proto(captioned, flavours) -> list[pb.ViewCaption]:
+    """An ``engine.dream.interrogate.Captioned`` -> a ``ViewCaption`` per view, flavours in ``flavours``' order."""
+    return [
+        pb.ViewCaption(index=k, view=view_to_proto(view), caption=caption, prompt=prompt,
+                       flavours=[pb.Flavour(vocabulary=name, label=labels[name][0], p=labels[name][1]) for name in flavours])
+        for k, (view, caption, prompt, labels) in enumerate(
+            zip(captioned.views, captioned.captions, captioned.prompts, captioned.flavours, strict=True))
+    ]
+
+
+def captioned_from_response(response: pb.CaptionResponse, dtype: torch.dtype = torch.float32):
+    """A ``CaptionResponse`` -> the ``Captioned`` that ``engine.dream.interrogate.interrogate`` gives."""
+    from engine.dream.interrogate import Captioned
+
+    if response.status.code != 0:
+        return Captioned(id=response.id, error=response.status.message)
+    views = list(response.captions)
+    return Captioned(
+        id=response.id, views=[view_from_proto(v.view) for v in views], captions=[v.caption for v in views],
+        prompts=[v.prompt for v in views], flavours=[{f.vocabulary: (f.label, f.p) for f in v.flavours} for v in views],
+        embeddings=tensor_from_proto(response.embeddings, dtype) if response.HasField("embeddings") else None,
+    )

@@ -285,6 +285,81 @@ class DreamResponse(_message.Message):
     timings_ms: _containers.ScalarMap[str, float]
     def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., id: _Optional[str] = ..., dreams: _Optional[_Iterable[_Union[ViewDream, _Mapping]]] = ..., meta: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class CaptionRequest(_message.Message):
+    __slots__ = ("request_id", "id", "image", "view_preset", "views", "yaw_offset", "flavours", "beams", "max_tokens", "timeout_ms", "meta")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_PRESET_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    YAW_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FLAVOURS_FIELD_NUMBER: _ClassVar[int]
+    BEAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    id: str
+    image: Image
+    view_preset: str
+    views: ViewList
+    yaw_offset: float
+    flavours: _containers.RepeatedScalarFieldContainer[str]
+    beams: int
+    max_tokens: int
+    timeout_ms: int
+    meta: _struct_pb2.Struct
+    def __init__(self, request_id: _Optional[str] = ..., id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., view_preset: _Optional[str] = ..., views: _Optional[_Union[ViewList, _Mapping]] = ..., yaw_offset: _Optional[float] = ..., flavours: _Optional[_Iterable[str]] = ..., beams: _Optional[int] = ..., max_tokens: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., meta: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class Flavour(_message.Message):
+    __slots__ = ("vocabulary", "label", "p")
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    P_FIELD_NUMBER: _ClassVar[int]
+    vocabulary: str
+    label: str
+    p: float
+    def __init__(self, vocabulary: _Optional[str] = ..., label: _Optional[str] = ..., p: _Optional[float] = ...) -> None: ...
+
+class ViewCaption(_message.Message):
+    __slots__ = ("index", "view", "caption", "prompt", "flavours")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    FLAVOURS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    view: View
+    caption: str
+    prompt: str
+    flavours: _containers.RepeatedCompositeFieldContainer[Flavour]
+    def __init__(self, index: _Optional[int] = ..., view: _Optional[_Union[View, _Mapping]] = ..., caption: _Optional[str] = ..., prompt: _Optional[str] = ..., flavours: _Optional[_Iterable[_Union[Flavour, _Mapping]]] = ...) -> None: ...
+
+class CaptionResponse(_message.Message):
+    __slots__ = ("request_id", "status", "id", "captions", "embeddings", "meta", "timings_ms")
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    status: _status_pb2.Status
+    id: str
+    captions: _containers.RepeatedCompositeFieldContainer[ViewCaption]
+    embeddings: Tensor
+    meta: _struct_pb2.Struct
+    timings_ms: _containers.ScalarMap[str, float]
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., id: _Optional[str] = ..., captions: _Optional[_Iterable[_Union[ViewCaption, _Mapping]]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class EmbedTextRequest(_message.Message):
     __slots__ = ("texts",)
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -340,7 +415,7 @@ class VocabularyInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_in_flight", "max_queue", "max_batch_views", "max_delay_ms", "max_message_bytes", "max_pixels", "max_views", "max_thumbnail_size", "max_streams", "max_decode_bytes", "idle_timeout_s")
+    __slots__ = ("max_in_flight", "max_queue", "max_batch_views", "max_delay_ms", "max_message_bytes", "max_pixels", "max_views", "max_thumbnail_size", "max_streams", "max_decode_bytes", "idle_timeout_s", "max_dream_steps", "max_dream_views", "max_dream_batch", "max_dream_delay_ms", "max_caption_batch")
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_VIEWS_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +427,11 @@ class Limits(_message.Message):
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODE_BYTES_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_DREAM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DREAM_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DREAM_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DREAM_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CAPTION_BATCH_FIELD_NUMBER: _ClassVar[int]
     max_in_flight: int
     max_queue: int
     max_batch_views: int
@@ -363,10 +443,59 @@ class Limits(_message.Message):
     max_streams: int
     max_decode_bytes: int
     idle_timeout_s: float
-    def __init__(self, max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch_views: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_views: _Optional[int] = ..., max_thumbnail_size: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_decode_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
+    max_dream_steps: int
+    max_dream_views: int
+    max_dream_batch: int
+    max_dream_delay_ms: float
+    max_caption_batch: int
+    def __init__(self, max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_batch_views: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_views: _Optional[int] = ..., max_thumbnail_size: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_decode_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., max_dream_steps: _Optional[int] = ..., max_dream_views: _Optional[int] = ..., max_dream_batch: _Optional[int] = ..., max_dream_delay_ms: _Optional[float] = ..., max_caption_batch: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "architecture", "source", "parameters", "dtype", "device")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    architecture: str
+    source: str
+    parameters: int
+    dtype: str
+    device: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., source: _Optional[str] = ..., parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class DreamInfo(_message.Message):
+    __slots__ = ("size", "scheduler", "attention", "strength", "steps", "guidance", "safety_checker")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_CHECKER_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    scheduler: str
+    attention: str
+    strength: float
+    steps: int
+    guidance: float
+    safety_checker: bool
+    def __init__(self, size: _Optional[int] = ..., scheduler: _Optional[str] = ..., attention: _Optional[str] = ..., strength: _Optional[float] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., safety_checker: _Optional[bool] = ...) -> None: ...
+
+class CaptionInfo(_message.Message):
+    __slots__ = ("image_size", "beams", "max_tokens")
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BEAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    image_size: _containers.RepeatedScalarFieldContainer[int]
+    beams: int
+    max_tokens: int
+    def __init__(self, image_size: _Optional[_Iterable[int]] = ..., beams: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Info(_message.Message):
-    __slots__ = ("clip", "device", "dtype", "attention", "reprojection", "views", "vocabularies", "batch_size", "top_k", "versions", "limits", "dream", "view_presets", "seed", "decode_budget_mib")
+    __slots__ = ("clip", "device", "dtype", "attention", "reprojection", "views", "vocabularies", "batch_size", "top_k", "versions", "limits", "dream", "view_presets", "seed", "decode_budget_mib", "models", "caption", "diffusion", "captioner")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +518,10 @@ class Info(_message.Message):
     VIEW_PRESETS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DECODE_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    DIFFUSION_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONER_FIELD_NUMBER: _ClassVar[int]
     clip: ClipInfo
     device: str
     dtype: str
@@ -404,4 +537,8 @@ class Info(_message.Message):
     view_presets: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     decode_budget_mib: int
-    def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., reprojection: _Optional[_Union[ReprojectionInfo, _Mapping]] = ..., views: _Optional[_Iterable[_Union[View, _Mapping]]] = ..., vocabularies: _Optional[_Iterable[_Union[VocabularyInfo, _Mapping]]] = ..., batch_size: _Optional[int] = ..., top_k: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dream: _Optional[bool] = ..., view_presets: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., decode_budget_mib: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    caption: bool
+    diffusion: DreamInfo
+    captioner: CaptionInfo
+    def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., reprojection: _Optional[_Union[ReprojectionInfo, _Mapping]] = ..., views: _Optional[_Iterable[_Union[View, _Mapping]]] = ..., vocabularies: _Optional[_Iterable[_Union[VocabularyInfo, _Mapping]]] = ..., batch_size: _Optional[int] = ..., top_k: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dream: _Optional[bool] = ..., view_presets: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., decode_budget_mib: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., caption: _Optional[bool] = ..., diffusion: _Optional[_Union[DreamInfo, _Mapping]] = ..., captioner: _Optional[_Union[CaptionInfo, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class MimeticStub:
                 request_serializer=mimetic_dot_v1_dot_mimetic__pb2.DreamRequest.SerializeToString,
                 response_deserializer=mimetic_dot_v1_dot_mimetic__pb2.DreamResponse.FromString,
                 _registered_method=True)
+        self.Caption = channel.stream_stream(
+                '/mimetic.v1.Mimetic/Caption',
+                request_serializer=mimetic_dot_v1_dot_mimetic__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=mimetic_dot_v1_dot_mimetic__pb2.CaptionResponse.FromString,
+                _registered_method=True)
         self.EmbedText = channel.unary_unary(
                 '/mimetic.v1.Mimetic/EmbedText',
                 request_serializer=mimetic_dot_v1_dot_mimetic__pb2.EmbedTextRequest.SerializeToString,
@@ -68,7 +73,17 @@ class MimeticServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Dream(self, request_iterator, context):
-        """Stable Diffusion's "dreams" of panoramas' views. UNIMPLEMENTED on a server without a diffusion engine.
+        """Stable Diffusion's "dreams" of panoramas' views (mimetic serve --sd-model). One response per request,
+        flow-controlled as Embed; views of several streams share a diffusion call when their strength, steps,
+        guidance, negative prompt and trajectory_every agree. UNIMPLEMENTED on a server without a diffusion model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Caption(self, request_iterator, context):
+        """Captions and CLIP-Interrogator prompts of panoramas' views (mimetic serve --caption-model), batched
+        across streams as Embed is. UNIMPLEMENTED on a server without a captioner.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +115,11 @@ def add_MimeticServicer_to_server(servicer, server):
                     servicer.Dream,
                     request_deserializer=mimetic_dot_v1_dot_mimetic__pb2.DreamRequest.FromString,
                     response_serializer=mimetic_dot_v1_dot_mimetic__pb2.DreamResponse.SerializeToString,
+            ),
+            'Caption': grpc.stream_stream_rpc_method_handler(
+                    servicer.Caption,
+                    request_deserializer=mimetic_dot_v1_dot_mimetic__pb2.CaptionRequest.FromString,
+                    response_serializer=mimetic_dot_v1_dot_mimetic__pb2.CaptionResponse.SerializeToString,
             ),
             'EmbedText': grpc.unary_unary_rpc_method_handler(
                     servicer.EmbedText,
@@ -166,6 +186,33 @@ class Mimetic:
             '/mimetic.v1.Mimetic/Dream',
             mimetic_dot_v1_dot_mimetic__pb2.DreamRequest.SerializeToString,
             mimetic_dot_v1_dot_mimetic__pb2.DreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Caption(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mimetic.v1.Mimetic/Caption',
+            mimetic_dot_v1_dot_mimetic__pb2.CaptionRequest.SerializeToString,
+            mimetic_dot_v1_dot_mimetic__pb2.CaptionResponse.FromString,
             options,
             channel_credentials,
             insecure,
