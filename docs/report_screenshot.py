@@ -37,7 +37,7 @@ SHOW = """new Promise(done => {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--panoramas", type=int, default=200)
-    parser.add_argument("--work", type=Path, default=None, help="folder for the dump, the run and the report (default: a temporary one)")
+    parser.add_argument("--work", type=Path, default=None, help="a new folder for the dump, the run and the report (default: a temporary one)")
     args = parser.parse_args()
     from engine.analysis import ReportOptions, build_report
     from engine.analysis.browser import open_page
