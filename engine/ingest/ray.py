@@ -71,7 +71,7 @@ class ShardWorker:
     """A Ray Data actor: one Engine, many shards. ``__call__`` takes a batch of shard rows (one, usually)."""
 
     def __init__(self, config: EngineConfig, out: str, north_up: bool, context: dict, threads: int | None,
-                 captions: CaptionSettings | None = None):
+                 thumbnails: int | None = None, captions: CaptionSettings | None = None):
         import torch
 
         from engine.pipeline import Engine
@@ -82,7 +82,7 @@ class ShardWorker:
         self.captioner = load_captioner(captions, config)
         self.flavours = flavour_names(captions)
         self.run = RunFolder(out)
-        self.thumbnails = self.run.load_manifest()["config"].get("thumbnails")  # the run's, as the local job reads it
+        self.thumbnails = thumbnails  # the run's (its manifest's), as the local job reads it
         self.north_up = north_up
         self.context = context
 
@@ -221,7 +221,8 @@ def _run_shards(ray, run: RunFolder, rows: list[dict], config: EngineConfig, nor
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ShardWorker,
             fn_constructor_kwargs={"config": config, "out": str(run.out), "north_up": north_up,
-                                   "context": run.table_context(), "threads": int(cpus), "captions": captions},
+                                   "context": run.table_context(), "threads": int(cpus),
+                                   "thumbnails": run.manifest["config"].get("thumbnails"), "captions": captions},
             batch_size=1,
             compute=ActorPoolStrategy(size=count),
             num_cpus=cpus,
