@@ -14,6 +14,9 @@ DEFAULT_MAX_PIXELS = 2**28  # 268 MP: a 23k x 11.5k panorama, 805 MB as uint8 RG
 DEFAULT_SHARD_SIZE = 1000  # inputs per ingest shard (engine.ingest.job), the unit of commit and resume
 DEFAULT_CAPTION_BEAMS = 3  # BLIP's own captioning evaluation uses beam search of 3 (engine.models.caption)
 DEFAULT_CAPTION_MAX_TOKENS = 30
+# Panoramas the report's map and UMAP draw (a seeded sample above it; its statistics use all): what
+# opens in under 2 s in headless Chromium (bench/report.py measures it).
+DEFAULT_REPORT_MAX_POINTS = 20_000
 
 
 @dataclass

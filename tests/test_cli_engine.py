@@ -114,9 +114,11 @@ def test_every_engine_flag_says_what_it_does(command):
 
 
 def test_stable_diffusion_flags_only_where_they_do_something():
-    for command in ("embed", "demo", "serve", "ingest"):
+    for command in ("embed", "demo", "ingest"):
         options = _options(_command(command))
         assert "--sd-model" not in options and "--sd-batch-size" not in options, command
+    serve = _options(_command("serve"))  # it serves Dream with the model; its batches are the server's own
+    assert serve["--sd-model"].help and "--sd-batch-size" not in serve
     for command in ("dream", "walk", "loop"):
         options = _options(_command(command))
         assert options["--sd-model"].help and options["--sd-batch-size"].help, command

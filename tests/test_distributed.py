@@ -87,7 +87,7 @@ def test_shards_that_failed_as_a_whole_are_tried_once_more(tmp_path, setting, ti
     (dump, metadata, _), engine, reference_run = setting
     passes = []
 
-    def fake_pass(ray, run, rows, config, north_up, actors, progress):  # the pool's work, done here
+    def fake_pass(ray, run, rows, config, north_up, actors, progress, captions=None):  # the pool's work, done here
         shards = [row["shard"] for row in rows]
         passes.append(shards)
         listing = ingest_module.list_inputs(dump, [metadata])

@@ -246,6 +246,20 @@ def test_a_run_without_coordinates_says_so_and_the_rest_works(city, engine, tmp_
     assert document["panoramas"]["with_coordinates"] == 0 and len(document["queries"][0]["top"]) == 6
 
 
+def test_a_sampled_map_says_so_and_the_statistics_use_every_panorama(city, engine, tmp_path, report):
+    _, full = report
+    options = ReportOptions(queries=["a baroque church"], against="year_built", metadata=[city["ages"]], top=3, quiet=True,
+                            max_points=5)
+    document = build_report(city["run"], tmp_path / "report", options, engine=engine)
+    assert document["panoramas"]["drawn"] == 5 and document["umap"]["n"] == 5
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert 'id="sampled"' in page and f"5 of the {COUNT} panoramas" in page
+    assert 'id="sampled"' not in (report[0] / "index.html").read_text()  # all drawn: nothing to say
+    for key in ("n", "spearman", "ci95", "p_value"):
+        assert document["correlation"][key] == full["correlation"][key]
+    assert document["queries"] == full["queries"]
+
+
 def test_fewer_than_three_pairs_say_why_on_the_page(city, engine, tmp_path):
     ages = tmp_path / "two.csv"
     ages.write_text("image_id,year_built\nimg000,1700\nimg001,1800\n")

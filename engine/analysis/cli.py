@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from engine.cli import nonnegative_int, positive_int
+from engine.config import DEFAULT_REPORT_MAX_POINTS
 
 
 def add_parsers(commands) -> None:
@@ -40,8 +41,9 @@ def add_parsers(commands) -> None:
     report.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N, for the text model (default auto)")
     report.add_argument("--top", type=positive_int, default=10, help="panoramas at each end of a query (default 10)")
     report.add_argument("--sheet", type=positive_int, default=6, help="panoramas per label in the contact sheets (default 6)")
-    report.add_argument("--max-points", type=positive_int, default=20_000,
-                        help="panoramas drawn on the map and the UMAP; a seeded sample above it (default 20000)")
+    report.add_argument("--max-points", type=positive_int, default=DEFAULT_REPORT_MAX_POINTS,
+                        help="panoramas drawn on the map and the UMAP; a seeded sample above it, which the page states; "
+                             f"every statistic uses all of them (default {DEFAULT_REPORT_MAX_POINTS})")
     report.add_argument("--max-thumbnails", type=nonnegative_int, default=400,
                         help="panoramas that carry a thumbnail strip in the page (default 400)")
     report.add_argument("--thumbnail-size", type=positive_int, default=96,

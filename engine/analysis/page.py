@@ -232,6 +232,10 @@ def write(path: Path, document: dict, figs: dict, *, corpus, hover, strips: dict
     header = (f'<p class="note">{esc(document["target"])}: {n} panoramas ({p["failed"]} failed), '
               f'{esc(document["engine_config"].get("clip_model"))}, views {esc(document["engine_config"].get("views"))}; '
               f"every number here is in report.json. mimetic {esc(document['mimetic_version'])}, {esc(document['created'])}.</p>")
+    if p["drawn"] < n:
+        header += (f'<p class="note" id="sampled">The map and the UMAP draw a seeded sample of {p["drawn"]} of the {n} panoramas '
+                   f"(--max-points {p['drawn']}), so the page opens quickly; every statistic, label distribution and query uses "
+                   f"all {n}.</p>")
     figures_data = {"map": figs["map"], "umap": figs["umap"], "scatter": figs["scatter"],
                     **{f"labels-{name}": fig for name, fig in figs["labels"].items()}}
     data = {"figures": figures_data, "hover": {str(r): text for r, text in hover.items()},

@@ -27,6 +27,7 @@ import numpy as np
 from engine.analysis import figures, page, statistics, thumbnails
 from engine.analysis.projection import project
 from engine.analysis.target import ReportError, column_values, load_target, target_kind
+from engine.config import DEFAULT_REPORT_MAX_POINTS
 
 REPORT_JSON = "report.json"
 INDEX = "index.html"
@@ -43,7 +44,7 @@ class ReportOptions:
     device: str = "auto"
     top: int = 10  # panoramas at each end of a query
     sheet: int = 6  # panoramas per label in a contact sheet
-    max_points: int = 20_000
+    max_points: int = DEFAULT_REPORT_MAX_POINTS
     max_thumbnails: int = 400
     thumbnail_size: int = thumbnails.DEFAULT_SIZE
     umap_views: bool = False  # the views' points in the UMAP too

@@ -214,7 +214,7 @@ class AsyncMimeticClient:
             raise ValueError("embed_text needs at least one text")
         info = await self._server_info()
         response = await self._unary(self._stub.EmbedText, pb.EmbedTextRequest(texts=list(texts)))
-        return wire.tensor_from_proto(response.embeddings, getattr(torch, info.dtype))
+        return wire.tensor_from_proto(response.embeddings, getattr(torch, info.embedding_dtype or info.dtype))
 
     def embed(
         self, panoramas: Iterable[Panorama] | AsyncIterable[Panorama], *, ordered: bool = True, views=None,
@@ -270,7 +270,7 @@ class AsyncMimeticClient:
             raise ValueError(f"{len(failure_views)} views, over the server's limit of {info.limits.max_views} per panorama")
         if pb.OUTPUT_THUMBNAILS in template.outputs and info.limits.max_thumbnail_size and (thumbnail_size or 0) > info.limits.max_thumbnail_size:
             raise ValueError(f"thumbnail_size {thumbnail_size} is over the server's limit of {info.limits.max_thumbnail_size}")
-        dtype = getattr(torch, info.dtype)
+        dtype = getattr(torch, info.embedding_dtype or info.dtype)
 
         def failed(panorama, exc: Exception) -> EmbedResult:  # as the Engine answers an item that fails its checks
             return EmbedResult(id=str(getattr(panorama, "id", None)), views=failure_views, meta=item_meta(panorama),
@@ -324,7 +324,7 @@ class AsyncMimeticClient:
     async def _caption_stream(self, panoramas, flavours, views, beams, max_tokens, item_timeout_s) -> RequestStream:
         info = await self._server_info()
         template = caption_template(info, flavours, beams, max_tokens, views, item_timeout_s)
-        dtype = getattr(torch, info.dtype)
+        dtype = getattr(torch, info.embedding_dtype or info.dtype)
         return self._request_stream(panoramas, template, info, self._stub.Caption, failed_caption,
                                     lambda response: wire.captioned_from_response(response, dtype))
 

@@ -127,6 +127,9 @@ def info_to_proto(info: dict, *, limits: pb.Limits, dream: bool, view_presets, v
         view_presets=list(view_presets),
         seed=info.get("seed"),
         decode_budget_mib=info.get("decode_budget_mib", 0),
+        precision=info.get("precision", ""),
+        precision_reason=info.get("precision_reason", ""),
+        embedding_dtype=info.get("embedding_dtype", ""),
     )
 
 
@@ -150,6 +153,9 @@ def info_from_proto(message: pb.Info) -> dict:
         "vocabularies": {v.name: {"template": v.template, "labels": len(v.labels)} for v in message.vocabularies},
         "seed": message.seed if message.HasField("seed") else None,
         "decode_budget_mib": message.decode_budget_mib,
+        "precision": message.precision,
+        "precision_reason": message.precision_reason,
+        "embedding_dtype": message.embedding_dtype or message.dtype,
         "batch_size": message.batch_size,
         "top_k": message.top_k,
         "versions": {package: version or None for package, version in message.versions.items()},
