@@ -15,7 +15,7 @@ DEFAULT_SHARD_SIZE = 1000  # inputs per ingest shard (engine.ingest.job), the un
 DEFAULT_CAPTION_BEAMS = 3  # BLIP's own captioning evaluation uses beam search of 3 (engine.models.caption)
 DEFAULT_CAPTION_MAX_TOKENS = 30
 # Panoramas the report's map and UMAP draw (a seeded sample above it; its statistics use all): what
-# opens in under 2 s in headless Chromium (bench/report.py measures it).
+# keeps the page interactive (WebGL above 2,000); bench/report.py measures its open time.
 DEFAULT_REPORT_MAX_POINTS = 20_000
 
 
