@@ -73,6 +73,20 @@ def test_query_ranks_the_planted_match_first_and_its_opposite_last(run, engine):
     assert [r["rank"] for r in result.positive] == [1, 2, 3, 4]
 
 
+def test_a_bf16_engine_scores_the_stored_embeddings_at_full_precision(run, engine):
+    import dataclasses
+
+    from engine import Engine
+
+    bf16 = Engine(dataclasses.replace(engine.config, precision="bf16"))
+    result = query(run, TEXT, top=5, engine=bf16)
+    table = read_run(run, "panoramas", columns=["id", "embedding"]).to_pydict()
+    text = bf16.embed_text([TEXT])[0].double().numpy()  # the bf16 model's own text vector
+    scores = np.asarray(table["embedding"], np.float64) @ text
+    np.testing.assert_allclose([r["score"] for r in result.positive], np.sort(scores)[::-1][:5], atol=1e-5)
+    assert [r["id"] for r in result.positive] == [table["id"][k] for k in np.argsort(-scores, kind="stable")][:5]
+
+
 def test_query_over_views_finds_the_planted_view(run, engine):
     result = query(run, TEXT, top=3, views=True, engine=engine)
     assert result.rows == 14 * 8

@@ -107,7 +107,9 @@ def query(run: str | os.PathLike, text: str, *, top: int = 20, views: bool = Fal
     table = "views" if views else "panoramas"
     engine = engine or run_engine(run, device)
     query_vector = engine.embed_text([text])[0].to(engine.device, torch.float32)
-    dtype = engine.clip.dtype  # the model's own: scores in the precision its embeddings were made in
+    # The stored embeddings are fp16; scored in fp32 whatever the model runs in (a bf16 model's 8-bit mantissa
+    # would tie and reorder close scores) and whatever the device: one matrix-vector product is cheap.
+    dtype = torch.float32
     parts = _parts(run, table)
     scores = []
     for part, row_filter in parts:
