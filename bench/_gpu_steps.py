@@ -64,20 +64,10 @@ class Step:
 
 def cuda_seconds(fn, *, repeats: int = 10, warmup: int = 3) -> dict:
     """Median seconds of ``fn`` from CUDA events, after ``warmup`` calls (compilation, autotuning, caches)."""
-    import torch
+    from bench._results import cuda_median
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return {"s": statistics.median(samples), "samples_s": samples}
+    median, samples = cuda_median(fn, repeats=repeats, warmup=warmup)
+    return {"s": median, "samples_s": samples}
 
 
 def wall_seconds(fn, *, repeats: int = 3, warmup: int = 1) -> dict:

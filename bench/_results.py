@@ -1,4 +1,4 @@
-"""What every bench shares: library versions, and the JSON file a later run is compared with.
+"""What every bench shares: library versions, CUDA-event timing, and the JSON file a later run is compared with.
 
 A run writes to ``bench/runs/`` (ignored by git) or to ``--out``. ``bench/results/`` holds the committed
 reference results, which a run never writes: copy a run's file there to make it the new reference.
@@ -6,25 +6,38 @@ reference results, which a run never writes: copy a run's file there to make it 
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
+import statistics
 from pathlib import Path
+
+from engine.models.device import package_versions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed reference results
 RUNS_DIR = Path(__file__).resolve().parent / "runs"  # each run's JSON, by default (gitignored)
 OUT_HELP = "folder for the JSON result, or a .json file (default bench/runs/, not tracked by git)"
 
 
-def versions(packages) -> dict[str, str | None]:
-    """Installed version of each distribution, None where it is missing."""
-    found = {}
-    for package in packages:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+versions = package_versions  # the installed version of each distribution, None where it is missing
+
+
+def cuda_median(fn, *, repeats: int = 10, warmup: int = 3) -> tuple[float, list[float]]:
+    """Median seconds of ``fn`` from CUDA events, and every sample, after ``warmup`` calls (compilation,
+    autotuning, caches)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples), samples
 
 
 def write_result(bench: str, device: str, date: str, result: dict, out: Path | None = None) -> Path:

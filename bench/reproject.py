@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._results import OUT_HELP, versions, write_result
+from bench._results import OUT_HELP, cuda_median, versions, write_result
 from kernels import ViewSpec, reproject
 from kernels.geometry import output_affine, py360convert_fov, view_params
 from kernels.grid_sample import project_views
@@ -178,18 +178,7 @@ def cpu_timer(fn):
 
 def cuda_time(fn, repeats: int) -> float:
     """Median seconds per call from CUDA events, after warm-up (Triton compiles and autotunes)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
+    return cuda_median(fn, repeats=repeats)[0]
 
 
 # %%

@@ -6,6 +6,7 @@ at ``<root>/main`` (see ``../shared/panoramas/SOURCES.md``); they are never copi
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -65,3 +66,14 @@ def louvre(panoramas_dir) -> np.ndarray:
 def jordan_pond(panoramas_dir) -> np.ndarray:
     """``jordan-pond.jpg`` as uint8 (2048, 4096, 3)."""
     return _load(panoramas_dir, "jordan-pond.jpg")
+
+
+@pytest.fixture(scope="session")
+def panoramas(louvre, jordan_pond) -> dict[str, bytes]:
+    """louvre and jordan-pond at 512x256, as JPEG bytes (quality 90): small real inputs for the service tests."""
+    out = {}
+    for name, image in (("louvre", louvre), ("pond", jordan_pond)):
+        buffer = io.BytesIO()
+        Image.fromarray(image).resize((512, 256), Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=90)
+        out[name] = buffer.getvalue()
+    return out

@@ -3,13 +3,10 @@ batching across streams, and the client's Captioned objects."""
 
 import asyncio
 import csv
-import io
 import threading
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engine import Engine, EngineConfig, Panorama, cli
 from engine.dream.interrogate import interrogate
@@ -41,19 +38,6 @@ def engine(models) -> Engine:
 @pytest.fixture(scope="module")
 def captioner(models) -> Captioner:
     return Captioner(models["caption"])
-
-
-def jpeg(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def panoramas(louvre, jordan_pond) -> dict[str, bytes]:
-    size = (512, 256)
-    return {name: jpeg(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)))
-            for name, image in (("louvre", louvre), ("pond", jordan_pond))}
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 seeds whatever the batch, batching across streams, trajectories, limits, deadlines and cancellation."""
 
 import asyncio
-import io
 import json
 import os
 import signal
@@ -49,19 +48,6 @@ def engine(models) -> Engine:
 @pytest.fixture(scope="module")
 def dreamer(models) -> Dreamer:
     return Dreamer(models["sd"])
-
-
-def jpeg(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def panoramas(louvre, jordan_pond) -> dict[str, bytes]:
-    size = (512, 256)
-    return {name: jpeg(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)))
-            for name, image in (("louvre", louvre), ("pond", jordan_pond))}
 
 
 def dream_request(k, data: bytes, **fields) -> pb.DreamRequest:

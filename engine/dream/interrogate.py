@@ -130,19 +130,13 @@ def caption_batch(engine: Engine, captioner: Captioner, prepared: Sequence[Prepa
         check_generation(beams or captioner.beams, max_tokens or captioner.max_tokens)
         captioner = copy.copy(captioner)  # the same model, other decoding settings
         captioner.beams, captioner.max_tokens = beams or captioner.beams, max_tokens or captioner.max_tokens
-    results = engine.embed(list(prepared))
-    ok = [k for k, result in enumerate(results) if result.error is None]
-    captions: list[str] = []
-    if ok:
-        pixels = captioner.render([prepared[k].pixels for k in ok], engine.views, yaw_offsets=[prepared[k].yaw_offset for k in ok])
-        captions = captioner.caption(pixels.reshape(-1, *pixels.shape[2:]))
+    results = engine.embed(list(prepared), captioner=captioner)  # CLIP and the captioner on the same views
     out, count = [], len(engine.views)
-    for k, (item, result, names) in enumerate(zip(prepared, results, flavours, strict=True)):
+    for item, result, names in zip(prepared, results, flavours, strict=True):
         if result.error is not None:
             out.append(Captioned(id=item.id, error=result.error))
             continue
-        start = ok.index(k) * count
-        mine = captions[start : start + count]
+        mine = result.captions
         readings = [{name: result.readings[name]["views"][n][0] for name in names} for n in range(count)]
         prompts = [interrogator_prompt(caption, reading, names) for caption, reading in zip(mine, readings, strict=True)]
         out.append(Captioned(id=item.id, views=result.views, captions=mine, prompts=prompts, flavours=readings,
