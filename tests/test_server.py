@@ -319,23 +319,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def subprocess_env() -> dict:
+    """The environment for a `mimetic serve` subprocess: this checkout first on its path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def wait_until_serving(process: subprocess.Popen):
+    """Read a `mimetic serve` subprocess's stderr until it serves: its address, and an object with its metrics port."""
+    lines = []
+    while not any("serving" in line for line in lines):
+        line = process.stderr.readline()
+        assert line, f"the server exited: {''.join(lines)}"
+        lines.append(line)
+    address = next(line for line in lines if "listening on" in line).split("listening on ")[1].split(",")[0]
+    metrics_port = int(next(line for line in lines if "metrics on" in line).rsplit(":", 1)[1].split("/")[0])
+    return address, type("Scraped", (), {"metrics_port": metrics_port})
+
+
 def test_sigterm_drains_in_flight_work(tiny_model, blobs):
     """A subprocess server holds 4 requests (waiting for company); SIGTERM: all 4 are answered, then UNAVAILABLE."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.serve.cli", "serve", "--clip-model", tiny_model, "--port", "0", "--metrics-port", "0",
          "--max-in-flight", "4", "--max-delay-ms", "5000", "--max-batch", "1000", "--grace", "20"],
-        cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True,
     )
     try:
-        lines = []
-        while not any("serving" in line for line in lines):
-            line = process.stderr.readline()
-            assert line, f"the server exited: {''.join(lines)}"
-            lines.append(line)
-        address = next(line for line in lines if "listening on" in line).split("listening on ")[1].split(",")[0]
-        metrics_port = int(next(line for line in lines if "metrics on" in line).rsplit(":", 1)[1].split("/")[0])
-        server = type("Scraped", (), {"metrics_port": metrics_port})
+        address, server = wait_until_serving(process)
         hold = threading.Event()
 
         def requests():  # 6 requests, and the stream stays open: the client has more to say

@@ -3,7 +3,6 @@ seeds whatever the batch, batching across streams, trajectories, limits, deadlin
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from engine.serve.client import AsyncMimeticClient, MimeticClient
 from engine.serve.generate import parameters
 from engine.serve.server import BackgroundServer, ServerConfig
 
-from .test_server import REPO_ROOT, metric, stub, wait_for
+from .test_server import REPO_ROOT, metric, stub, subprocess_env, wait_for, wait_until_serving
 
 OK, INVALID, DEADLINE, EXHAUSTED = 0, 3, 4, 8  # google.rpc.Code
 STEPS = 4
@@ -295,21 +294,13 @@ def test_mimetic_call_dream_writes_what_mimetic_dream_writes(models, server, pan
 def test_sigterm_finishes_the_dreams_already_started_within_the_grace_period(models, panoramas):
     """`mimetic serve --sd-model` in a subprocess: a dream of 12 steps is running when SIGTERM comes; it is answered
     with its pixels, the next request is never read, and the process exits 0."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.serve.cli", "serve", "--clip-model", models["clip"], "--sd-model", models["sd"],
          "--views", "ring4", "--port", "0", "--metrics-port", "0", "--grace", "60", "--max-dream-delay-ms", "0"],
-        cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True,
     )
     try:
-        lines = []
-        while not any("serving" in line for line in lines):
-            line = process.stderr.readline()
-            assert line, f"the server exited: {''.join(lines)}"
-            lines.append(line)
-        address = next(line for line in lines if "listening on" in line).split("listening on ")[1].split(",")[0]
-        metrics_port = int(next(line for line in lines if "metrics on" in line).rsplit(":", 1)[1].split("/")[0])
-        server = type("Scraped", (), {"metrics_port": metrics_port})
+        address, server = wait_until_serving(process)
         hold = threading.Event()
 
         def requests():
