@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from engine import __version__
+from engine.models.allocator import keep_freed_memory
 from engine.views import DEFAULT_SIZE, PRESETS, describe_presets
 
 # Commands that live beside the features they drive, each a module with add_parsers(commands) and
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # before any thread allocates: each keeps the malloc arena it first had
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":

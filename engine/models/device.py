@@ -123,3 +123,4 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     if precision != "auto":
         return precision, "asked for"
     return ("bf16", f"bf16: {why}") if native else ("fp32", f"fp32: {why}")
+
