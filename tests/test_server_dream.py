@@ -140,10 +140,12 @@ def test_two_identical_requests_give_identical_images_whatever_else_is_in_the_ba
         thread.join()
     a, b, other = results["a"]["d0"], results["b"]["d1"], results["b"]["d2"]
     assert {a.status.code, b.status.code, other.status.code} == {OK}
-    for x, y, z in zip(images(a), images(b), images(alone), strict=True):
-        assert np.array_equal(x, y)
-        assert np.abs(x.astype(int) - z).mean() <= 1.0
-    assert not np.array_equal(images(a)[0], images(other)[0])
+    # The same seed and view at another place in the call: the same noise, so the same dream up to the float
+    # rounding a different matrix blocking gives (bf16 on AMX reorders sums by batch position; fp32 here rarely
+    # does). One level on average, as the command line's pixels are held; another item is far from it.
+    for x, y, z, w in zip(images(a), images(b), images(alone), images(other), strict=True):
+        assert np.abs(x.astype(int) - y).mean() <= 1.0 and np.abs(x.astype(int) - z).mean() <= 1.0
+        assert np.abs(x.astype(int) - w).mean() > 10 * max(1.0, np.abs(x.astype(int) - y).mean())
     # Fewer diffusion calls than items: the streams shared them (8 images per call, 4 views per item).
     assert metric(server, "mimetic_dream_batch_views_count") - batches_before < 3
     assert max(a.timings_ms["batch_items"], b.timings_ms["batch_items"]) >= 2
