@@ -6,9 +6,10 @@
    times, and a view set used again (every call of an engine) finds it made (``projection_grid``). Bytes: 4 float64 per output pixel per distinct shape, written once. NumPy's error model:
    a degenerate ray divides to inf or NaN (which pass 2 clamps) instead of raising.
 2. Filter: each output pixel reads the panorama pixels under its tent once per channel (uint8, in
-   place, any strides) and writes 3 values. On a C-contiguous panorama the tent's rows are summed
-   with 32-byte vector multiply-adds into float32 column sums (``_add_run``); other strides, and
-   footprints on the seam, are read tap by tap. The panorama itself is never padded, copied or
+   place, any strides) and writes 3 values. On a C-contiguous panorama the whole footprint is
+   filtered in float32 vectors (``_filter_run_vectors``: blocks of 8 pixels summed down the rows in
+   registers, then weighted by their columns); other strides, and footprints on the seam, are read
+   tap by tap. The panorama itself is never padded, copied or
    converted to float. The per-pixel helpers are inlined into the loop (``inline="always"``):
    called out of line, as Numba does otherwise, they cost about as much as the taps.
 
@@ -28,6 +29,7 @@ import threading
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, typed, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 # Panoramas are read where they lie: C-contiguous ones get a specialisation that knows the pixel
@@ -38,8 +40,11 @@ _TAN_PI_8 = 0.41421356237309503
 _SQRT_HALF = math.sqrt(0.5)
 # Fast-math for the filter pass: everything but nnan/ninf, which would let LLVM delete the clamps.
 _IEEE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-_RUN = 32  # bytes, and float32 lanes, of one vector multiply-add in the tent filter
-_RUN_SPAN = -(-_RUN // 3)  # the most pixels one vector can read past the end of its run
+# The tent filter's vectors: _RUN bytes loaded, and float32 lanes, of which a block of _BLOCK whole pixels
+# is used, so that the lanes fold into the 3 channels by halving (24 -> 12 -> 6 -> 3).
+_RUN = 32
+_BLOCK = 8
+_RUN_SPAN = -(-(_RUN - 3 * _BLOCK) // 3) + _BLOCK - 1  # the most pixels a run's last load reads past its end
 
 
 @njit(cache=True, fastmath=True)
@@ -124,36 +129,96 @@ def tent_cdf(u):
 
 
 @intrinsic
-def _add_run(typingctx, pano, start, weight, sums, at, first):
-    """sums[at : at + _RUN] += weight * the _RUN bytes of the C-contiguous ``pano`` from flat offset ``start``;
-    ``first`` overwrites instead (the scratch starts as garbage, and a separate zeroing pass costs more).
+def _filter_run_vectors(typingctx, pano, starts, row_weights, rows, first, inv_half, count):
+    """The tent filter over ``rows`` runs of ``count`` pixels of the C-contiguous ``pano``, in float32 vectors:
+    (Σ_r row_weights[r] Σ_k col_weights[k] pano[run r, pixel k, c] for c = 0, 1, 2).
 
-    One unaligned vector load, widen and multiply-add in float32. LLVM does not vectorise the
-    per-pixel loops by itself: their trip counts (7 to 14 pixels at 4K and 8K) are below its vector
-    width times its unroll, and it cannot prove the float scratch apart from the panorama. The
-    caller checks the bounds.
+    Run r's bytes start at flat offset ``starts[r]``. Each block of _BLOCK pixels is summed down the
+    rows in a register (one unaligned _RUN-byte load, widen and multiply-add per row), weighted by
+    its columns' weights, widened to one per lane, and added to a second register; halving folds
+    that keep each channel in its lanes give the 3 sums. The panorama is read once and nothing is
+    stored. LLVM does not vectorise this by itself: the trip counts (7 to 14 pixels at 4K and 8K)
+    are below its vector width times its unroll. Vectors stay a power of two wide (LLVM splits a
+    24-lane one into scalars); the lanes past a block's 3 * _BLOCK, and past the run, weigh 0
+    whatever lies there. The column weights are made here, 8 at a time from the CDF at each pixel's
+    edges (``first`` = the first pixel's left edge - x, ``inv_half`` = 1 / half-width), as
+    ``_tent_weights`` makes them one by one: past the footprint both CDFs are 1. Made apart and read
+    back from memory, they cost as much as the rows. The caller checks the bounds: a run is read up
+    to _RUN_SPAN pixels past its end.
     """
-    if not (isinstance(pano, types.Array) and pano.layout == "C" and pano.dtype == types.uint8):
+    arrays = (pano, starts, row_weights)
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) or pano.dtype != types.uint8:
         return None
 
     def codegen(context, builder, signature, args):
-        pano_value, start_value, weight_value, sums_value, at_value, first_value = args
-        data = context.make_array(signature.args[0])(context, builder, pano_value).data
-        dest = context.make_array(signature.args[3])(context, builder, sums_value).data
-        bytes_type, floats_type = ir.VectorType(ir.IntType(8), _RUN), ir.VectorType(ir.FloatType(), _RUN)
-        source = builder.bitcast(builder.gep(data, [start_value]), bytes_type.as_pointer())
-        values = builder.uitofp(builder.load(source, align=1), floats_type)
-        lane = builder.insert_element(
-            ir.Constant(floats_type, ir.Undefined), builder.fptrunc(weight_value, ir.FloatType()), ir.Constant(ir.IntType(32), 0)
-        )
-        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), _RUN), [0] * _RUN)
-        weight = builder.shuffle_vector(lane, ir.Constant(floats_type, ir.Undefined), broadcast)
-        dest = builder.bitcast(builder.gep(dest, [at_value]), floats_type.as_pointer())
-        before = builder.select(first_value, ir.Constant(floats_type, [0.0] * _RUN), builder.load(dest, align=4))
-        builder.store(builder.fadd(before, builder.fmul(values, weight)), dest, align=4)
-        return context.get_dummy_value()
+        data = lambda k: context.make_array(signature.args[k])(context, builder, args[k]).data  # noqa: E731
+        pano_data, starts_data, row_weights_data = data(0), data(1), data(2)
+        rows_value, first_value, inv_half_value, count_value = args[3:]
+        intp, i32, f32, f64 = rows_value.type, ir.IntType(32), ir.FloatType(), ir.DoubleType()
+        floats, ints = ir.VectorType(f32, _RUN), ir.VectorType(i32, _RUN)
+        doubles = ir.VectorType(f64, _BLOCK)
+        zeros = ir.Constant(floats, [0.0] * _RUN)
 
-    return types.void(pano, types.intp, types.float64, types.Array(types.float32, 1, "C"), types.intp, types.boolean), codegen
+        def broadcast(value, vector_type):
+            lane = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(lane, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(i32, vector_type.count), [0] * vector_type.count))
+
+        suffix = f"v{_BLOCK}f64"  # llvmlite names no vector intrinsics itself
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(doubles, [doubles]), f"llvm.fabs.{suffix}")
+        copysign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(doubles, [doubles, doubles]), f"llvm.copysign.{suffix}")
+        one, half = ir.Constant(doubles, [1.0] * _BLOCK), ir.Constant(doubles, [0.5] * _BLOCK)
+
+        def tent_cdf(u):  # as tent_cdf below, on _BLOCK lanes
+            u = builder.select(builder.fcmp_ordered(">", u, one), one, u)
+            u = builder.select(builder.fcmp_ordered("<", u, builder.fneg(one)), builder.fneg(one), u)
+            a = builder.fsub(one, builder.call(fabs, [u]))
+            return builder.fadd(half, builder.call(copysign, [builder.fmul(half, builder.fsub(one, builder.fmul(a, a))), u]))
+
+        total, column = cgutils.alloca_once_value(builder, zeros), cgutils.alloca_once_value(builder, zeros)
+        block_pixels = ir.Constant(intp, _BLOCK)
+        blocks = builder.udiv(builder.add(count_value, ir.Constant(intp, _BLOCK - 1)), block_pixels)
+        pixel = ir.Constant(doubles, [float(k) for k in range(_BLOCK)])
+        first_edges, step = broadcast(first_value, doubles), broadcast(inv_half_value, doubles)
+        with cgutils.for_range(builder, blocks) as block:
+            builder.store(zeros, column)
+            at = builder.mul(block.index, ir.Constant(intp, 3 * _BLOCK))
+            with cgutils.for_range(builder, rows_value) as row:
+                start = builder.add(builder.load(builder.gep(starts_data, [row.index])), at)
+                source = builder.bitcast(builder.gep(pano_data, [start]), ir.VectorType(ir.IntType(8), _RUN).as_pointer())
+                weight = broadcast(builder.fptrunc(builder.load(builder.gep(row_weights_data, [row.index])), f32), floats)
+                summed = builder.fadd(builder.load(column), builder.fmul(builder.uitofp(builder.load(source, align=1), floats), weight))
+                builder.store(summed, column)
+            # The block's column weights, from its pixels' edges: 0 past the footprint, where both CDFs are 1.
+            offset = builder.fadd(first_edges, builder.fadd(pixel, broadcast(builder.sitofp(builder.mul(block.index, block_pixels), f64), doubles)))
+            left = builder.fmul(offset, step)
+            weights = builder.fsub(tent_cdf(builder.fadd(left, step)), tent_cdf(left))
+            weights = builder.fptrunc(weights, ir.VectorType(f32, _BLOCK))
+            lanes = [lane // 3 if lane < 3 * _BLOCK else _BLOCK for lane in range(_RUN)]  # lane _BLOCK: the zeros
+            weights = builder.shuffle_vector(weights, ir.Constant(ir.VectorType(f32, _BLOCK), [0.0] * _BLOCK), ir.Constant(ints, lanes))
+            builder.store(builder.fadd(builder.load(total), builder.fmul(builder.load(column), weights)), total)
+        folded, width = builder.load(total), 3 * _BLOCK
+        while width > 3:  # halves of a multiple of 3 lanes keep each channel in the same lanes
+            width //= 2
+            size = 1 << (width - 1).bit_length()  # padded to a power of two
+            low = builder.shuffle_vector(folded, folded, ir.Constant(ir.VectorType(i32, size), [min(k, width - 1) for k in range(size)]))
+            high = builder.shuffle_vector(folded, folded, ir.Constant(ir.VectorType(i32, size), [width + min(k, width - 1) for k in range(size)]))
+            folded = builder.fadd(low, high)
+        channels = [builder.extract_element(folded, ir.Constant(i32, c)) for c in range(3)]
+        return context.make_tuple(builder, signature.return_type, channels)
+
+    return types.UniTuple(types.float32, 3)(pano, starts, row_weights, types.intp, types.float64, types.float64, types.intp), codegen
+
+
+def _filter_run(pano, starts, row_weights, rows, first, inv_half, count):
+    """``_filter_run_vectors``, only where ``_vector_runs(pano)``."""
+
+
+@overload(_filter_run, inline="always")
+def _filter_run_impl(pano, starts, row_weights, rows, first, inv_half, count):
+    if pano.layout != "C":  # never called there (see _vector_runs); the vectors need C layout to type
+        return lambda pano, starts, row_weights, rows, first, inv_half, count: (np.float32(0.0), np.float32(0.0), np.float32(0.0))
+    return lambda pano, starts, row_weights, rows, first, inv_half, count: _filter_run_vectors(
+        pano, starts, row_weights, rows, first, inv_half, count)
 
 
 def _vector_runs(pano):
@@ -164,24 +229,6 @@ def _vector_runs(pano):
 def _vector_runs_impl(pano):
     runs = pano.layout == "C"  # pixels known to lie 3 bytes apart, rows W * 3
     return lambda pano: runs
-
-
-def _accumulate_runs(pano, row, col, count, weight, sums, first):
-    """sums[3k + c] += weight * pano[row, col + k, c] for k < count (= if ``first``), in vectors of _RUN
-    lanes, and anything to the lanes after 3 * count. Only where ``_vector_runs(pano)``, col + count + _RUN_SPAN <= W."""
-
-
-@overload(_accumulate_runs, inline="always")
-def _accumulate_runs_impl(pano, row, col, count, weight, sums, first):
-    if pano.layout != "C":  # never called there (see _vector_runs); _add_run needs C layout to type
-        return lambda pano, row, col, count, weight, sums, first: None
-
-    def impl(pano, row, col, count, weight, sums, first):
-        start = (row * pano.shape[1] + col) * 3
-        for at in range(0, 3 * count, _RUN):
-            _add_run(pano, start + at, weight, sums, at, first)
-
-    return impl
 
 
 @njit(cache=True, fastmath=_IEEE_FASTMATH, inline="always")
@@ -195,25 +242,25 @@ def _tent_weights(first, count, center, inv_half, weights):
 
 
 @njit(cache=True, fastmath=_IEEE_FASTMATH, inline="always")
-def tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, sums):
+def tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, starts):
     """Separable tent filter of half-widths (half_x, half_y) over the piecewise-constant panorama.
 
     Each weight is the tent's integral over one source pixel, so every pixel under the footprint
     counts by its coverage. Each axis's weights are computed once per output pixel, into
-    ``col_weights`` and ``row_weights`` (scratch of at least W + 2 and H + 2). Columns wrap; rows
+    ``col_weights`` and ``row_weights`` (scratch of at least W + 2 and H + 2; ``starts`` is integer
+    scratch as long as ``row_weights``). Columns wrap; rows
     past a pole read the same latitude on the opposite meridian (row reflected, columns shifted by
     W/2). x in [0, W], y in [0, H], and half-widths of at most W/2 and H/2.
 
     Where the panorama is C-contiguous and the runs are clear of the right edge (every pixel but
-    those within a footprint of the seam), the rows are summed first, column by column, into
-    ``sums`` (float32 scratch of at least 3 W + 6 + _RUN) with vector multiply-adds, and the column
-    weights then reduce those sums. Elsewhere each row is reduced tap by tap, in registers.
+    those within a footprint of the seam), each row's start goes into ``starts`` and
+    ``_filter_run_vectors`` does the rest in float32 vectors, column weights included. Elsewhere
+    each row is reduced tap by tap, in registers, in float64.
     """
     pano_h, pano_w = pano.shape[0], pano.shape[1]
     c_first, r_first = math.floor(x - half_x), math.floor(y - half_y)
     count = min(max(math.ceil(x + half_x) - c_first, 0), pano_w + 2)  # never past the scratch
     rows = min(max(math.ceil(y + half_y) - r_first, 0), pano_h + 2)
-    _tent_weights(c_first, count, x, 1.0 / half_x, col_weights)
     _tent_weights(r_first, rows, y, 1.0 / half_y, row_weights)
     # Where the run starts on this side of the pole and across it (shifted by W/2); c_first lies
     # within half a panorama of [0, W), so a conditional add or subtract wraps it (no modulo),
@@ -225,6 +272,8 @@ def tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, sums):
     # A run's last vector may read up to _RUN_SPAN pixels past it: still on the row, and the run
     # does not wrap, if both starting columns leave that much before the right edge.
     runs = _vector_runs(pano) and rows > 0 and max(col_here, col_across) + count + _RUN_SPAN <= pano_w
+    if not runs:  # the runs make their column weights in vectors
+        _tent_weights(c_first, count, x, 1.0 / half_x, col_weights)
     acc0 = acc1 = acc2 = 0.0
     for dr in range(rows):
         r = r_first + dr
@@ -235,7 +284,7 @@ def tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, sums):
             row, col = 2 * pano_h - 1 - r, col_across
         row = min(max(row, 0), pano_h - 1)
         if runs:
-            _accumulate_runs(pano, row, col, count, row_weights[dr], sums, dr == 0)
+            starts[dr] = (row * pano_w + col) * 3
             continue
         row0 = row1 = row2 = 0.0
         if col + count <= pano_w:  # one run with no wrap to test per tap
@@ -257,11 +306,8 @@ def tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, sums):
         acc1 += row_weights[dr] * row1
         acc2 += row_weights[dr] * row2
     if runs:
-        for k in range(count):
-            weight_c = col_weights[k]
-            acc0 += weight_c * sums[np.uintp(3 * k)]
-            acc1 += weight_c * sums[np.uintp(3 * k + 1)]
-            acc2 += weight_c * sums[np.uintp(3 * k + 2)]
+        reduced = _filter_run(pano, starts, row_weights, rows, c_first - x, 1.0 / half_x, count)
+        return np.float64(reduced[0]), np.float64(reduced[1]), np.float64(reduced[2])
     return acc0, acc1, acc2
 
 
@@ -309,7 +355,7 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
         shift = (yaw[n] + yaw_offsets[m]) * x_per_rad + 0.5 * pano_w
         col_weights = np.empty(pano_w + 2 if antialias else 0)
         row_weights = np.empty(pano_h + 2 if antialias else 0)
-        sums = np.empty(3 * (pano_w + 2) + _RUN if antialias else 0, np.float32)
+        starts = np.empty(pano_h + 2 if antialias else 0, np.intp)
         for j in range(width):
             # Wrap the longitude, then clamp: a huge, infinite or NaN position (from a yaw no check
             # reduced) still lands on the panorama, x in [0, W] and y in [0, H].
@@ -323,7 +369,7 @@ def _filter_kernel(panos, grid, shape_index, yaw, yaw_offsets, scale, bias, out,
             else:  # tent half-width footprint/sqrt(2), at least 1/sqrt(2), capped at half the panorama
                 half_x = clamp(footprint_x * _SQRT_HALF, _SQRT_HALF, 0.5 * pano_w)
                 half_y = clamp(footprint_y * _SQRT_HALF, _SQRT_HALF, 0.5 * pano_h)
-                values = tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, sums)
+                values = tent_filter(pano, x, y, half_x, half_y, col_weights, row_weights, starts)
             for c in range(3):
                 value = values[c] * scale[c] + bias[c]
                 if to_uint8:
