@@ -328,7 +328,7 @@ def test_a_crash_at_any_commit_step_then_resume_gives_exactly_the_same_rows(tmp_
 # -- refusals -----------------------------------------------------------------------------------------
 
 
-def test_a_changed_configuration_is_refused_with_what_differs(reference_run, city, tiny_clip, capsys):
+def test_a_changed_configuration_is_refused_with_what_differs(reference_run, city, tiny_clip, capsys, monkeypatch):
     dump, metadata, _ = city
     files = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
     with pytest.raises(RunMismatchError) as refused:
@@ -341,6 +341,14 @@ def test_a_changed_configuration_is_refused_with_what_differs(reference_run, cit
     with pytest.raises(RunMismatchError, match=r"north_up: false in the run, true now"):
         ingest(dump, reference_run, config=EngineConfig(clip_model=tiny_clip, top_k=3), metadata=[metadata],
                shard_size=SHARD, north_up=True)
+
+    # --precision auto is recorded as what it resolved to (fp32 here, pinned by the suite): on a CPU where
+    # auto means bf16 the run is not resumed with bf16 embeddings beside its fp32 ones.
+    assert json.loads((reference_run / "manifest.json").read_text())["config"]["precision"] == "fp32"
+    with monkeypatch.context() as patch:
+        patch.setenv("MIMETIC_PRECISION", "bf16")
+        with pytest.raises(RunMismatchError, match=r"precision: \"?fp32\"? in the run, \"?bf16\"? now"):
+            ingest(dump, reference_run, config=EngineConfig(clip_model=tiny_clip, top_k=3), metadata=[metadata], shard_size=SHARD)
 
     # The command says it and exits with status 2.
     parser = argparse.ArgumentParser()

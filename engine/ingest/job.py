@@ -267,16 +267,22 @@ def load_captioner(captions: CaptionSettings | None, config: EngineConfig):
 
 
 def prepare(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
-            north_up: bool = False, thumbnails: int | None = None,
-            captions: CaptionSettings | None = None) -> tuple[RunFolder, Listing, dict]:
+            north_up: bool = False, thumbnails: int | None = None, captions: CaptionSettings | None = None,
+            precision: str | None = None) -> tuple[RunFolder, Listing, dict]:
     """The run folder (not yet opened), the inputs and the settings' fingerprint: what the local job and
-    the Ray job both do first."""
+    the Ray job both do first. ``precision``: what the shards' engine resolves ``--precision`` to; by
+    default what an Engine of ``config`` resolves it to here, known before any model loads."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     if thumbnails is not None and (isinstance(thumbnails, bool) or not isinstance(thumbnails, int) or thumbnails <= 0):
         raise ValueError(f"thumbnails must be a width in pixels (a positive integer), got {thumbnails!r}")
     listing = list_inputs(dump, metadata)
-    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size, thumbnails=thumbnails, captions=captions)
+    if precision is None:
+        from engine.models.device import resolve_device, resolve_precision
+
+        precision = resolve_precision(config.precision, resolve_device(config.device))[0]
+    fingerprint = config_fingerprint(config, north_up=north_up, shard_size=shard_size, thumbnails=thumbnails, captions=captions,
+                                     precision=precision)
     run = RunFolder(out)
     return run, listing, fingerprint
 
@@ -306,7 +312,8 @@ def ingest(dump, out, *, config: EngineConfig | None = None, engine=None, metada
                 raise ValueError(f"flavour vocabulary {name!r} is not among the engine's vocabularies ({', '.join(engine.vocabularies)})")
     config = engine.config if engine is not None else with_flavours(config, captions)
     run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
-                                        thumbnails=thumbnails, captions=captions)
+                                        thumbnails=thumbnails, captions=captions,
+                                        precision=engine.clip.precision if engine is not None else None)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)

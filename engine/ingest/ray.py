@@ -113,6 +113,18 @@ def plan_actors(config: EngineConfig, resources: dict, actors: int | None) -> tu
     return count, max(1.0, float(int(cpus // count))), 0.0
 
 
+def actors_precision(config: EngineConfig) -> str:
+    """``--precision`` resolved here, for every actor: one precision in a run whatever CPUs its nodes have, and
+    the same one a local run resolves, so either may resume the other. A CUDA device resolves as CUDA
+    even where this process sees none (a CPU head of a GPU cluster); auto resolves on this machine."""
+    import torch
+
+    from engine.models.device import resolve_device, resolve_precision
+
+    device = torch.device("cuda") if config.device.startswith("cuda") else resolve_device(config.device)
+    return resolve_precision(config.precision, device)[0]
+
+
 def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shard_size: int = DEFAULT_SHARD_SIZE,
                north_up: bool = False, quiet: bool = False, verify: bool = False, hash_inputs: bool = False,
                address: str | None = None, actors: int | None = None, verbose: bool = False, thumbnails: int | None = None,
@@ -125,9 +137,9 @@ def ingest_ray(dump, out, *, config: EngineConfig, metadata: Sequence = (), shar
     import ray
 
     started = time.perf_counter()
-    config = with_flavours(config, captions)
+    config = dataclasses.replace(with_flavours(config, captions), precision=actors_precision(config))
     run, listing, fingerprint = prepare(dump, out, config=config, metadata=metadata, shard_size=shard_size, north_up=north_up,
-                                        thumbnails=thumbnails, captions=captions)
+                                        thumbnails=thumbnails, captions=captions, precision=config.precision)
     with run.lock():
         run.open(listing, fingerprint, dump=os.fspath(Path(dump).resolve()), engine_config=config,
                  hash_inputs=hash_inputs, verify=verify)

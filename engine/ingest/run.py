@@ -108,13 +108,16 @@ def write_json_atomic(path: Path, document: dict, *, indent: int | None = 1) -> 
 
 
 def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int, thumbnails: int | None = None,
-                       captions=None) -> dict:
+                       captions=None, precision: str | None = None) -> dict:
     """Everything that changes what a shard holds: model and weights, views, vocabularies, code version,
     the thumbnails' size and the captioner (``captions``, a CaptionSettings: its folder and files' size,
     decoding, flavours). Those two are keys only when the run asks for them, so runs without them hash as before.
 
     Batch size, device, decode workers, the decoded-bytes budget (``max_decode_mib``) and the engine
     (local or Ray) change how fast, not what, so they may differ between a run and its resumption.
+    ``precision`` is what ``config.precision`` resolves to where the shards are made (bf16, say, for
+    auto on a CPU with native bf16): a run moved to a CPU where auto means fp32 is not resumed with the
+    other precision (``prepare`` resolves it; a Ray run resolves it once for all its actors).
     """
     from engine.views import view_set
     from engine.vocab import load_vocabulary
@@ -134,7 +137,7 @@ def config_fingerprint(config: EngineConfig, *, north_up: bool, shard_size: int,
         "vocabularies": vocabularies,
         "top_k": config.top_k,
         "antialias": config.antialias,
-        "precision": config.precision,  # bf16 or fp16 embeddings differ from fp32 ones in the 3rd decimal
+        "precision": precision or config.precision,  # bf16 or fp16 embeddings differ from fp32 ones in the 3rd decimal
         "max_pixels": config.max_pixels,
         "north_up": north_up,
         "shard_size": shard_size,
