@@ -1,6 +1,7 @@
 """The report in a real browser: headless Chromium (Debian's ``chromium``; ``.ci/run`` installs it) loads the
-page from ``file://`` with no console error and no network request, draws the map, the UMAP and the scatter,
-shows a panorama's thumbnails on hover, and takes a screenshot.
+page from ``file://`` with no console error and no network request, draws the map on the first screen and
+the UMAP and the scatter after it (in idle time, or when scrolled near), shows a panorama's thumbnails on
+hover, and takes a screenshot.
 
 Without Chromium the tests are skipped on a developer's machine, and fail under CI (``CI`` set), where a
 skipped browser test would hide a broken page.
@@ -41,7 +42,7 @@ HOVER = """new Promise(done => {
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory, louvre, jordan_pond):
+def report(tmp_path_factory, louvre, jordan_pond):
     root = tmp_path_factory.mktemp("browser")
     engine = tiny_engine(f"local-dir:{make_tiny_clip(root / 'models')}")
     dump, metadata, expected = build_dump(root, [small(louvre), small(jordan_pond)], count=8)
@@ -50,7 +51,12 @@ def page(tmp_path_factory, louvre, jordan_pond):
     ages.write_text("key,year_built\n" + "".join(f"{row['key']},{1500 + 40 * k}\n" for k, row in enumerate(expected.values())))
     options = ReportOptions(queries=["a baroque church"], against="year_built", metadata=[ages], top=2, quiet=True)
     build_report(root / "run", root / "report", options, engine=engine)
-    return open_page(root / "report" / "index.html", screenshot=root / "report.png", evaluate=[HOVER])
+    return root
+
+
+@pytest.fixture(scope="module")
+def page(report):
+    return open_page(report / "report" / "index.html", screenshot=report / "report.png", evaluate=[HOVER])
 
 
 def test_the_page_loads_from_file_with_no_console_error_and_no_request(page):
@@ -63,6 +69,20 @@ def test_the_map_the_umap_and_the_scatter_are_drawn(page):
     assert {"fig-map", "fig-umap", "fig-scatter"} <= set(page.drawn)
     assert set(page.drawn) == set(page.figures)  # every figure on the page, the label distributions too
     assert "Spearman ρ" in page.text and "RANDOM" not in page.text  # the tiny model's weights are its file's
+
+
+def test_the_first_screen_is_drawn_first_and_the_figures_below_the_fold_after_it(page):
+    assert "fig-map" in page.first_figures and page.drawn_by["fig-map"] == "screen"
+    assert "fig-umap" not in page.first_figures and "fig-scatter" not in page.first_figures  # below the fold
+    assert page.drawn_by["fig-scatter"] in ("near", "idle") and 0 < page.first_screen < page.seconds
+
+
+def test_a_figure_below_the_fold_is_drawn_when_scrolled_near(report):
+    # No idle time to draw in: only a reader's scrolling draws what is below the fold.
+    seen = open_page(report / "report" / "index.html", scroll=True, before="window.requestIdleCallback = () => 0;")
+    assert seen.errors == [] and seen.requests == []
+    assert set(seen.drawn) == set(seen.figures)
+    assert seen.drawn_by["fig-map"] == "screen" and seen.drawn_by["fig-scatter"] == "near"
 
 
 def test_hovering_a_point_shows_its_id_and_its_thumbnails(page):

@@ -1,14 +1,19 @@
 """Open a report in headless Chromium and say what a person would see: for the tests, the bench and the README.
 
     seen = open_page("report/index.html", screenshot="docs/report.png")
-    seen.errors, seen.requests, seen.drawn, seen.seconds
+    seen.errors, seen.requests, seen.drawn, seen.first_screen, seen.seconds
 
 Drives Debian's ``chromium`` over the DevTools protocol (a websocket, ``websocket-client``): it loads
 the page from ``file://``, records every console error and uncaught exception (``errors``) and every
 request for anything but the page itself and ``data:`` URIs (``requests``), waits until each plotly
-figure has been drawn (``drawn``: the ids of the figure divs whose plot is done) and takes a PNG
-screenshot. ``seconds`` is from the navigation to the last figure drawn. WebGL runs on SwiftShader,
-Chromium's software renderer, so a machine without a GPU draws the WebGL traces too.
+figure has been drawn (``drawn``: the ids of the figure divs whose plot is done; the report draws the
+first screen at once and the figures below the fold when they near the viewport or in idle time, so
+waiting is enough) and takes a PNG screenshot. Two times: ``first_screen``, from the navigation to the
+first screen shown with its figures (the page's own clock, ``performance.now()``: the frame after its
+first-screen figures were drawn), and ``seconds``, from the navigation to every figure drawn (this
+side's clock, polled every 50 ms). Each call starts Chromium with a new, empty profile: no page cache or
+code cache is kept between calls. WebGL runs on SwiftShader, Chromium's software renderer, so a machine
+without a GPU draws the WebGL traces too.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 class Seen:
     url: str
     seconds: float  # from navigation to every figure drawn
+    first_screen: float | None  # from navigation to the first screen shown, its figures drawn (None: the page does not say)
+    first_figures: list[str]  # ids of the figure divs drawn for the first screen
+    drawn_by: dict  # figure div id -> why the page drew it: 'screen', 'near' (scrolled close), 'idle' or 'control'
     errors: list[str]
     requests: list[str]
     drawn: list[str]  # ids of the figure divs plotly has drawn
@@ -70,11 +78,13 @@ class _Session:
 
 
 def open_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | None = None, width: int = 1400, height: int = 1000,
-              timeout: float = 60.0, browser: str | None = None, evaluate: list[str] = ()) -> Seen:
+              timeout: float = 60.0, browser: str | None = None, evaluate: list[str] = (), scroll: bool = False,
+              before: str | None = None) -> Seen:
     """Load ``path`` in headless Chromium; raise RuntimeError if no browser is installed or it does not start.
 
     ``evaluate``: JavaScript expressions run in the page once it is drawn (before the screenshot); one that
-    gives a Promise is awaited."""
+    gives a Promise is awaited. ``scroll``: while waiting, scroll the first figure not yet drawn into view,
+    as a reader would (then back to the top). ``before``: a script run in the page before its own."""
     browser = browser or find_browser()
     if browser is None:
         raise RuntimeError(f"no Chromium found (looked for {', '.join(BROWSERS)}): apt-get install chromium")
@@ -92,21 +102,30 @@ def open_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | None =
         for domain in ("Runtime", "Log", "Network", "Page"):
             session.call(f"{domain}.enable")
         session.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        if before:
+            session.call("Page.addScriptToEvaluateOnNewDocument", source=before)
         started = time.perf_counter()
         session.call("Page.navigate", url=url)
-        figures, drawn = [], []
+        state = {"all": [], "drawn": [], "by": {}, "first": None, "firstFigures": ""}
         deadline = started + timeout
         while time.perf_counter() < deadline:
-            state = session.evaluate(
+            polled = session.evaluate(
                 "document.readyState === 'complete' ? JSON.stringify({all: [...document.querySelectorAll('.figure')].map(d => d.id),"
-                " drawn: [...document.querySelectorAll('.figure[data-drawn]')].map(d => d.id)}) : null")
-            if state:
-                state = json.loads(state)
-                figures, drawn = state["all"], state["drawn"]
-                if len(drawn) == len(figures):  # every figure div drawn (a page without figures too)
+                " drawn: [...document.querySelectorAll('.figure[data-drawn]')].map(d => d.id),"
+                " by: Object.fromEntries([...document.querySelectorAll('.figure[data-drawn]')].map(d => [d.id, d.dataset.drawnBy])),"
+                " first: document.body.dataset.firstScreen || null, firstFigures: document.body.dataset.firstScreenFigures || ''}) : null")
+            if polled:
+                state = json.loads(polled)
+                if len(state["drawn"]) == len(state["all"]):  # every figure div drawn (a page without figures too)
                     break
+                if scroll and state["first"]:
+                    session.evaluate("document.querySelector('.figure:not([data-drawn])').scrollIntoView()")
             time.sleep(0.05)
         seconds = time.perf_counter() - started
+        if scroll:
+            session.evaluate("window.scrollTo(0, 0)")
+        figures, drawn = state["all"], state["drawn"]
+        first_screen = int(state["first"]) / 1000 if state["first"] else None
         values = [session.evaluate(expression) for expression in evaluate]
         text = session.evaluate("document.body.innerText") or ""
         shot = None
@@ -121,7 +140,8 @@ def open_page(path: str | os.PathLike, *, screenshot: str | os.PathLike | None =
             session.call("Browser.close")
         except Exception:  # it may close the socket before it answers
             pass
-        return Seen(url, seconds, errors, requests, drawn, figures, text, shot, values)
+        return Seen(url, seconds, first_screen, state["firstFigures"].split(), state["by"], errors, requests, drawn, figures, text,
+                    shot, values)
     finally:
         process.terminate()
         try:

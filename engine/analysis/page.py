@@ -39,50 +39,86 @@ table.stats td,table.stats th{padding:3px 10px;text-align:left;border-bottom:1px
 
 SCRIPT = """
 (function(){
-  const data = JSON.parse(document.getElementById('mimetic-data').textContent);
+  // Each data block is its own JSON element, parsed when first needed: the first screen parses its own
+  // figures only, not the hover texts and thumbnails of every panorama nor the figures below the fold.
+  // Those blocks come after this script, so the browser draws the first screen before it even reads them
+  // (megabytes of HTML); what needs them waits for the document to be loaded.
+  const loaded = new Promise(done => document.readyState === 'loading' ? document.addEventListener('DOMContentLoaded', done) : done());
+  const blocks = {};
+  function block(name){
+    if (!(name in blocks)) {
+      const el = document.getElementById('mimetic-' + name);
+      if (!el) return document.readyState === 'loading' ? null : {};  // null: not read yet
+      blocks[name] = JSON.parse(el.textContent);
+    }
+    return blocks[name];
+  }
+  const whenRead = (name) => block(name) ? Promise.resolve(block(name)) : loaded.then(() => block(name));
   const config = {responsive: true, displaylogo: false};
-  const thumb = (row) => data.thumbs[row];
+  const thumb = (row) => block('thumbs')[row];
+  const noThumb = (row) => block('missing')[row] || 'no thumbnail kept for this panorama (--max-thumbnails)';
   function fill(el){
     const row = el.dataset.row, uri = thumb(row);
     if (uri) { const img = document.createElement('img'); img.src = uri; img.alt = 'views of ' + el.dataset.id; el.prepend(img); }
-    else { const d = document.createElement('div'); d.className = 'missing'; d.textContent = data.missing[row] || 'no thumbnail kept for this panorama (--max-thumbnails)'; el.prepend(d); }
+    else { const d = document.createElement('div'); d.className = 'missing'; d.textContent = noThumb(row); el.prepend(d); }
   }
-  document.querySelectorAll('.thumb').forEach(fill);
   const panel = document.getElementById('panel-body');
   function show(ev){
+    if (document.readyState === 'loading') { loaded.then(() => show(ev)); return; }
     const p = ev.points && ev.points[0]; if (!p || p.customdata === undefined) return;
-    const row = Array.isArray(p.customdata) ? p.customdata[0] : p.customdata;
+    const row = Array.isArray(p.customdata) ? p.customdata[0] : p.customdata, hover = block('hover');
     panel.innerHTML = '';
-    // The panel's text is the page's own (escaped when written), kept once per panorama in data.hover.
-    const t = document.createElement('div'); t.innerHTML = data.hover[row] || ''; panel.appendChild(t);
-    if (p.text && !data.hover[row]) t.textContent = p.text;
+    // The panel's text is the page's own (escaped when written), kept once per panorama in the hover block.
+    const t = document.createElement('div'); t.innerHTML = hover[row] || ''; panel.appendChild(t);
+    if (p.text && !hover[row]) t.textContent = p.text;
     else if (p.text) { const extra = document.createElement('div'); extra.innerHTML = p.text; panel.appendChild(extra); }
     const uri = thumb(row);
     if (uri) { const img = document.createElement('img'); img.src = uri; panel.appendChild(img); }
-    else { const d = document.createElement('div'); d.className = 'missing'; d.textContent = data.missing[row] || 'no thumbnail kept for this panorama (--max-thumbnails)'; panel.appendChild(d); }
+    else { const d = document.createElement('div'); d.className = 'missing'; d.textContent = noThumb(row); panel.appendChild(d); }
   }
-  function groups(fig){ return fig.data.map(t => (t.meta && t.meta.group) || null); }
-  function showGroups(div, fig, wanted){
-    const vis = groups(fig).map(g => g === null ? true : wanted.includes(g));
+  // A figure is drawn once, when first wanted: on the first screen at once, below the fold when it nears
+  // the viewport or in idle time after the first screen, whichever comes first; a control draws its own.
+  const divs = [...document.querySelectorAll('.figure')], drawing = {};
+  function draw(div, why){
+    if (!drawing[div.id]) {
+      drawing[div.id] = whenRead('figure-' + div.id.slice(4)).then(fig => fig.data && Plotly.newPlot(div, fig.data, fig.layout, config).then(() => {
+        div.on('plotly_hover', show);  // div.on exists once the plot does
+        div.on('plotly_click', show);
+        div.dataset.drawnBy = why;  // 'screen', 'near', 'idle' or 'control'
+        div.dataset.drawn = Math.round(performance.now());  // ms since navigation: the bench reads it
+      }));
+    }
+    return drawing[div.id];
+  }
+  const onScreen = (div) => { const r = div.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight; };
+  const first = divs.filter(onScreen);
+  Promise.all(first.map(div => draw(div, 'screen'))).then(() => requestAnimationFrame(() => setTimeout(() => {
+    // The frame that shows the first screen has been produced: the page is usable.
+    document.body.dataset.firstScreen = Math.round(performance.now());
+    document.body.dataset.firstScreenFigures = first.map(div => div.id).join(' ');
+    const near = new IntersectionObserver(entries => entries.forEach(e => e.isIntersecting && draw(e.target, 'near')),
+                                          {rootMargin: '100% 0px'});
+    divs.forEach(div => near.observe(div));
+    const idle = window.requestIdleCallback || ((f) => setTimeout(f, 50));
+    const rest = [() => loaded.then(() => document.querySelectorAll('.thumb').forEach(fill)),
+                  ...divs.map(div => () => draw(div, 'idle'))];
+    // One piece per idle period, so that a reader's scroll or hover is never kept waiting for long.
+    const next = () => { const piece = rest.shift(); if (piece) { Promise.resolve(piece()).then(() => idle(next, {timeout: 1000})); } };
+    idle(next, {timeout: 1000});
+  })));
+  function showGroups(div, wanted){
+    const vis = div.data.map(t => { const g = t.meta && t.meta.group; return !g || wanted.includes(g); });
     Plotly.restyle(div, {visible: vis});
   }
-  for (const [name, fig] of Object.entries(data.figures)) {
-    const div = document.getElementById('fig-' + name); if (!div || !fig) continue;
-    Plotly.newPlot(div, fig.data, fig.layout, config).then(() => {
-      div.on('plotly_hover', show);  // div.on exists once the plot does
-      div.on('plotly_click', show);
-      div.setAttribute('data-drawn', Math.round(performance.now()));  // ms since navigation: the bench reads it
-    });
-  }
   function wire(name){
-    const fig = data.figures[name], div = document.getElementById('fig-' + name); if (!fig || !div) return;
+    const div = document.getElementById('fig-' + name); if (!div) return;
     const colour = document.getElementById(name + '-colour'), query = document.getElementById(name + '-query'),
           views = document.getElementById(name + '-views');
     const update = () => {
       const wanted = [colour ? colour.value : ''];
       if (query && query.value) wanted.push(query.value);
       if (views && views.checked) wanted.push('views');
-      showGroups(div, fig, wanted);
+      draw(div, 'control').then(() => showGroups(div, wanted));
     };
     [colour, query, views].forEach(el => el && el.addEventListener('change', update));
   }
@@ -141,15 +177,31 @@ def document_html(title: str, header: str, sections: list[tuple[str, str, str]],
     nav = " ".join(f'<a href="#{esc(anchor)}">{esc(heading)}</a>' for anchor, heading, _ in sections)
     body = "".join(f'<section id="{esc(anchor)}"><h2>{esc(heading)}</h2>{inner}</section>' for anchor, heading, inner in sections)
     banner = f'<div class="warning" id="warning">{esc(warning)}</div>' if warning else ""
+    early, late = _blocks(data)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
         f"<style>{STYLE}</style><script>{plotly_js}</script></head><body>{banner}"
         f"<header><h1>{esc(title)}</h1>{header}<nav>{nav}</nav></header>"
         f'<aside id="panel"><b>Hover a point</b><div id="panel-body" class="note">its id, labels and views appear here</div></aside>'
-        f"<main>{body}</main>"
-        f'<script type="application/json" id="mimetic-data">{_json(data)}</script><script>{SCRIPT}</script></body></html>\n'
+        f"<main>{body}</main>{early}<script>{SCRIPT}</script>{late}</body></html>\n"
     )
+
+
+EARLY_BYTES = 64_000
+
+
+def _blocks(data: dict) -> tuple[str, str]:
+    """Each figure and each other entry of ``data`` as its own JSON element, which the page parses when it
+    needs it: the first figure (the one on the first screen) and the small ones before the page's script,
+    everything else (the other figures, hover texts, thumbnails) after it."""
+    early, late = [], []
+    named = [(f"figure-{name}", fig) for name, fig in data.get("figures", {}).items() if fig is not None]
+    named += [(key, value) for key, value in data.items() if key != "figures"]
+    for k, (key, value) in enumerate(named):
+        text = f'<script type="application/json" id="mimetic-{esc(key)}">{_json(value)}</script>'
+        (early if (k == 0 and key.startswith("figure-")) or len(text) < EARLY_BYTES else late).append(text)
+    return "".join(early), "".join(late)
 
 
 RANDOM_WARNING = ("This report was made with RANDOM, UNTRAINED weights (--random-weights): every label, score, UMAP and "
@@ -236,8 +288,8 @@ def write(path: Path, document: dict, figs: dict, *, corpus, hover, strips: dict
         header += (f'<p class="note" id="sampled">The map and the UMAP draw a seeded sample of {p["drawn"]} of the {n} panoramas '
                    f"(--max-points {p['drawn']}), so the page opens quickly; every statistic, label distribution and query uses "
                    f"all {n}.</p>")
-    figures_data = {"map": figs["map"], "umap": figs["umap"], "scatter": figs["scatter"],
-                    **{f"labels-{name}": fig for name, fig in figs["labels"].items()}}
+    figures_data = {"map": figs["map"], **{f"labels-{name}": fig for name, fig in figs["labels"].items()},  # in page order
+                    "umap": figs["umap"], "scatter": figs["scatter"]}
     data = {"figures": figures_data, "hover": {str(r): text for r, text in hover.items()},
             "thumbs": {str(r): uri for r, uri in strips.items()},
             "missing": {str(r): reason for r, reason in missing.items()}}
