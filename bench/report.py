@@ -6,9 +6,13 @@ What this measures: ``engine.analysis.build_report`` on a results file of ``--pa
 panoramas (default 20,000; target: at most 3 minutes on this machine), with two queries, ``--against
 year_built`` and the default scale (periods), through the real CLIP ViT-B-32 text tower (random
 weights: the cost is the architecture's). report.json's per-stage seconds name the slowest stage.
-Then, where Chromium is installed, the page is opened from ``file://`` in headless Chromium, and the
-time from navigation to every figure drawn is reported (target: under 2 s for 10,000 panoramas; the
-page drawn here holds twice that).
+Then, where Chromium is installed, the page is opened from ``file://`` in headless Chromium
+(``engine.analysis.browser.open_page``: software WebGL) once to warm the machine's file cache (Chromium
+and the page read from disk, as on a reader's second visit; each open starts a new, empty browser
+profile, so no HTTP or code cache is kept), then ``OPENS`` times, and two times are reported, the median
+and the range: the first screen (navigation to the first screen shown, its figures, the map, drawn: the
+page is usable; target: under 2 s for 10,000 panoramas) and every figure drawn (the figures below the
+fold are drawn in idle time after the first screen, no scrolling needed).
 
 The panoramas are synthetic and honest about it: each has a hidden year in 1100-2000, a pooled
 embedding planted near the periods prompt of that year's century (plus noise, unit length, D = 512), a
@@ -39,7 +43,8 @@ from engine.config import EngineConfig
 from engine.results import METADATA_KEY, SCHEMA, embedding_lists, label_lists
 
 TARGET_SECONDS = 180.0
-TARGET_OPEN_SECONDS = 2.0
+TARGET_OPEN_SECONDS = 2.0  # the first screen, at 10,000 panoramas
+OPENS = 3
 QUERIES = ["a baroque church", "a modern glass building"]
 
 
@@ -123,10 +128,16 @@ def main(argv=None) -> dict:
         size = page.stat().st_size
         opened = None
         if find_browser():
-            open_page(page)  # once to warm the browser's caches, as a second visit would be
-            seen = open_page(page)
-            opened = {"seconds": round(seen.seconds, 3), "errors": len(seen.errors), "requests": len(seen.requests),
-                      "figures_drawn": len(seen.drawn), "figures": len(seen.figures)}
+            open_page(page)  # once to warm the file cache (a new, empty browser profile each time: no browser cache)
+            seen = [open_page(page) for _ in range(OPENS)]
+            first = sorted(s.first_screen for s in seen if s.first_screen is not None)
+            every = sorted(s.seconds for s in seen)
+            opened = {"opens": OPENS, "first_screen": round(float(np.median(first)), 3) if first else None,
+                      "first_screen_range": [round(first[0], 3), round(first[-1], 3)] if first else None,
+                      "first_figures": seen[-1].first_figures, "seconds": round(float(np.median(every)), 3),
+                      "seconds_range": [round(every[0], 3), round(every[-1], 3)],
+                      "errors": sum(len(s.errors) for s in seen), "requests": sum(len(s.requests) for s in seen),
+                      "figures_drawn": min(len(s.drawn) for s in seen), "figures": len(seen[-1].figures)}
     stages = document["seconds"]
     slowest = max(stages, key=stages.get)
     c = document["correlation"]
@@ -136,9 +147,15 @@ def main(argv=None) -> dict:
         print(f"{name:<12}{value:>9.2f}{'  <- slowest' if name == slowest else ''}")
     print("(model loading and reading are in 'text' and 'read'; the rest is the report's own work)")
     print(f"correlation: rho {c['spearman']:+.3f}, n {c['n']}, left out {c['left_out']['total']}, p {c['p_value']:.2g}")
-    if opened:
-        print(f"page open in headless Chromium: {opened['seconds']:.2f} s to every figure drawn "
-              f"(target < {TARGET_OPEN_SECONDS:.0f} s at 10,000), {opened['errors']} console errors, {opened['requests']} requests")
+    if opened and opened["first_screen"] is not None:
+        lo, hi = opened["first_screen_range"]
+        print(f"page open in headless Chromium (median of {OPENS} opens, range): first screen ({', '.join(opened['first_figures'])}) "
+              f"{opened['first_screen']:.2f} s [{lo:.2f}-{hi:.2f}] (target < {TARGET_OPEN_SECONDS:.0f} s at 10,000)")
+        lo, hi = opened["seconds_range"]
+        print(f"  every figure drawn ({opened['figures_drawn']} of {opened['figures']}) {opened['seconds']:.2f} s [{lo:.2f}-{hi:.2f}]; "
+              f"{opened['errors']} console errors, {opened['requests']} requests")
+    elif opened:
+        print(f"page open in headless Chromium: the page says no first-screen time; every figure drawn in {opened['seconds']:.2f} s")
     else:
         print("page open time: not measured (no Chromium; apt-get install chromium)")
     result = {

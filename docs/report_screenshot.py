@@ -67,8 +67,8 @@ def main() -> None:
     shot = ROOT / "docs" / "report.png"
     seen = open_page(work / "report" / "index.html", screenshot=work / "full.png", width=1400, height=900, evaluate=[SHOW])
     Image.open(work / "full.png").convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(shot, optimize=True)
-    print(f"{shot}: {shot.stat().st_size / 1024:.0f} KB; page drawn in {seen.seconds:.2f} s, {len(seen.errors)} errors, "
-          f"{len(seen.requests)} requests; work in {work}")
+    print(f"{shot}: {shot.stat().st_size / 1024:.0f} KB; first screen drawn in {seen.first_screen:.2f} s, every figure in "
+          f"{seen.seconds:.2f} s, {len(seen.errors)} errors, {len(seen.requests)} requests; work in {work}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ One pass: read the target -> embed the vocabularies' prompts and the queries wit
 model -> probabilities, labels, expected values, queries, the correlation -> UMAP -> thumbnails ->
 figures -> the page. Every number the page shows is in ``report.json`` too.
 
-Limits, so that the page opens in about a second for 10,000 panoramas: the map and the UMAP draw at
-most ``max_points`` panoramas (a seeded sample above that; every statistic uses all of them), with
-WebGL above ``figures.WEBGL_ABOVE`` points; at most ``max_thumbnails`` panoramas carry thumbnails
-(those in a contact sheet or a query first, then a seeded sample of the rest).
+Limits, so that the page stays light (``engine.analysis.page`` says how it draws, and how fast): the map
+and the UMAP draw at most ``max_points`` panoramas (a seeded sample above that; every statistic uses all
+of them), with WebGL above ``figures.WEBGL_ABOVE`` points; at most ``max_thumbnails`` panoramas carry
+thumbnails (those in a contact sheet or a query first, then a seeded sample of the rest).
 """
 
 from __future__ import annotations
