@@ -40,6 +40,22 @@ HOVER = """new Promise(done => {
   }, 300);
 })"""
 
+# No idle time and no scrolling: what is below the fold is drawn only when something asks for it.
+STILL = "window.requestIdleCallback = () => 0; window.IntersectionObserver = class { observe() {} };"
+# Colour the UMAP, not drawn yet, by its second option once the page is read; say what it then shows.
+COLOUR = """new Promise(done => {
+  const go = () => {
+    if (document.readyState !== 'complete') return setTimeout(go, 50);
+    const select = document.getElementById('umap-colour'), div = document.getElementById('fig-umap'), before = div.dataset.drawn || null;
+    select.value = select.options[1].value; select.dispatchEvent(new Event('change'));
+    const shown = () => [...new Set(div.data.filter(t => t.visible === true).map(t => t.meta.group))];
+    const wait = () => div.dataset.drawn ? setTimeout(() => done(JSON.stringify({before, by: div.dataset.drawnBy, wanted: select.value,
+                                                                                  shown: shown()})), 200) : setTimeout(wait, 50);
+    wait();
+  };
+  go();
+})"""
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, louvre, jordan_pond):
@@ -83,6 +99,15 @@ def test_a_figure_below_the_fold_is_drawn_when_scrolled_near(report):
     assert seen.errors == [] and seen.requests == []
     assert set(seen.drawn) == set(seen.figures)
     assert seen.drawn_by["fig-map"] == "screen" and seen.drawn_by["fig-scatter"] == "near"
+
+
+def test_a_control_draws_its_figure_when_it_is_not_drawn_yet(report):
+    import json
+
+    seen = open_page(report / "report" / "index.html", before=STILL, timeout=3, evaluate=[COLOUR])
+    assert seen.errors == [] and "fig-umap" not in seen.drawn  # nothing drew it in 3 s
+    shown = json.loads(seen.values[0])
+    assert shown["before"] is None and shown["by"] == "control" and shown["shown"] == [shown["wanted"]]
 
 
 def test_hovering_a_point_shows_its_id_and_its_thumbnails(page):

@@ -10,10 +10,11 @@ How it draws, so that it opens quickly (the first screen is what counts: there a
 and switch colours while the rest is drawn):
 
 - Each figure, the hover texts, the thumbnails and the reasons for missing ones are separate JSON
-  elements, parsed when first needed. The page's first figure (the map; the UMAP where there is no map)
-  and the small ones (under ``EARLY_BYTES``: the label distributions) come before the page's script, the
-  rest after it (the UMAP, the scatter, the hover texts, the thumbnails: 5 MB at 10,000 panoramas), so
-  the browser draws the first screen before it has read them.
+  elements, parsed when first needed. The page's first figure (the map, where there is one) and the
+  small ones (under ``EARLY_BYTES``: the label distributions) come before the page's script, the rest
+  after it (the UMAP, the scatter, the hover texts, the thumbnails: 5 MB at 10,000 panoramas), so the
+  browser draws the first screen before it has read them; a figure on the first screen whose data comes
+  after the script is drawn once the page is read.
 - The figures on the first screen are drawn at once. Those below the fold are drawn when they come
   within one screen of the viewport (an ``IntersectionObserver``) or, one per idle period, once the first
   screen is shown (``requestIdleCallback``), whichever comes first; a control (colour, query circles,
@@ -28,11 +29,12 @@ Limits (``engine.analysis.report``): the map and the UMAP draw at most ``--max-p
 (default 20,000; a seeded sample above), as WebGL (``scattergl``) above ``figures.WEBGL_ABOVE`` = 2,000
 points in a figure and as SVG below; at most ``--max-thumbnails`` panoramas (default 400) carry
 thumbnails. Measured by ``python -m bench.report --panoramas 10000`` (an 11 MiB page; headless Chromium,
-software WebGL, 2 CPU cores shared with other work): the first screen, the map, is drawn in 1.5-1.7 s
-(median 1.54 s of 3 opens; 2.2-2.6 s while the other work held both cores), every figure in 2.4-2.7 s.
-Most of the first screen is fixed cost: evaluating the inlined plotly.js (3.5 MB; 0.9-1.4 s here) and
-creating the map's WebGL contexts (plotly makes two per WebGL figure; 0.3-0.6 s on SwiftShader).
-Drawn all at once, as before, the same page drew its first figure at 2.3-3.7 s.
+software WebGL, 2 CPU cores shared with other work): the first screen, the map, is drawn in 1.3-1.8 s
+(medians of 3-5 opens, over several runs; 2.3 s while the other work held both cores), every figure in
+2.2-2.8 s; at 20,000 panoramas (the default --max-points) 1.5 s and 2.3 s. Most of the first screen is
+fixed cost: evaluating the inlined plotly.js (3.5 MB; 0.9-1.4 s here) and creating the map's WebGL
+contexts (plotly makes two per WebGL figure; 0.3-0.6 s on SwiftShader). Drawn all at once, as before,
+the 10,000-panorama page drew its first figure at 2.3-3.7 s.
 
 Everything that comes from the data (ids, labels, metadata, query texts) is escaped: as HTML text
 with ``html.escape``, and inside the JSON data blocks with ``</`` written ``<\\/`` so that no value
