@@ -313,3 +313,18 @@ def test_the_thumbnail_column_holds_a_jpeg_per_view(city):
 
     image = Image.open(BytesIO(views.column("thumbnail")[0].as_py()))
     assert image.format == "JPEG" and image.width == 32
+
+
+def test_the_cartesian_bundle_is_used_only_for_its_traces_and_plotly_py_s_own_version(monkeypatch):
+    import plotly.offline
+
+    from engine.analysis.page import plotly_bundle
+
+    version = plotly.offline.get_plotlyjs_version()
+    svg = {"map": {"data": [{"type": "scatter"}, {"type": "bar"}]}, "umap": None}
+    assert plotly_bundle(svg)[1] == f"cartesian {version}" and len(plotly_bundle(svg)[0]) < 2_500_000
+    for kind in ("scattergl", "scattermap"):  # WebGL above WEBGL_ABOVE points; --tiles
+        script, which = plotly_bundle({"map": {"data": [{"type": "scatter"}, {"type": kind}]}})
+        assert which == f"full {version}" and script == plotly.offline.get_plotlyjs()
+    monkeypatch.setattr(plotly.offline, "get_plotlyjs_version", lambda: "9.9.9")  # plotly.py upgraded past the vendored file
+    assert plotly_bundle(svg)[1] == "full 9.9.9"

@@ -120,3 +120,25 @@ def test_hovering_a_point_shows_its_id_and_its_thumbnails(page):
 def test_a_screenshot_is_taken(page):
     data = page.screenshot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
+
+
+def test_a_page_of_svg_figures_inlines_the_cartesian_bundle_and_a_webgl_page_the_full_one(report, monkeypatch):
+    """Up to figures.WEBGL_ABOVE points the page carries plotly.js's 1.5 MB cartesian bundle; above it (here
+    forced to 3 points) its traces are WebGL and the page the full bundle, and both draw, hover and ask nothing."""
+    import json
+
+    from plotly.offline import get_plotlyjs_version
+
+    from engine.analysis import figures
+
+    version = get_plotlyjs_version()
+    svg = (report / "report" / "index.html").read_text()
+    assert f"plotly.js (cartesian - minified) v{version}" in svg and '"scattergl"' not in svg.split("</head>")[1]
+    monkeypatch.setattr(figures, "WEBGL_ABOVE", 3)
+    options = ReportOptions(queries=["a baroque church"], against="year_built", metadata=[report / "ages.csv"], top=2, quiet=True)
+    build_report(report / "run", report / "webgl", options)  # the run's own model, loaded as the command loads it
+    webgl = (report / "webgl" / "index.html").read_text()
+    assert "plotly.js (cartesian" not in webgl and '"scattergl"' in webgl.split("</head>")[1]
+    seen = open_page(report / "webgl" / "index.html", evaluate=[HOVER])
+    assert seen.errors == [] and seen.requests == [] and set(seen.drawn) == set(seen.figures)
+    assert json.loads(seen.values[0])["images"] == 1

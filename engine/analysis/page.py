@@ -26,15 +26,17 @@ and switch colours while the rest is drawn):
   ``engine.analysis.browser.open_page`` and ``bench/report.py`` read them.
 
 Limits (``engine.analysis.report``): the map and the UMAP draw at most ``--max-points`` panoramas
-(default 20,000; a seeded sample above), as WebGL (``scattergl``) above ``figures.WEBGL_ABOVE`` = 2,000
-points in a figure and as SVG below; at most ``--max-thumbnails`` panoramas (default 400) carry
-thumbnails. Measured by ``python -m bench.report --panoramas 10000`` (an 11 MiB page; headless Chromium,
-software WebGL, 2 CPU cores shared with other work): the first screen, the map, is drawn in 1.3-1.8 s
-(medians of 3-5 opens, over several runs; 2.3 s while the other work held both cores), every figure in
-2.2-2.8 s; at 20,000 panoramas (the default --max-points) 1.5 s and 2.3 s. Most of the first screen is
-fixed cost: evaluating the inlined plotly.js (3.5 MB; 0.9-1.4 s here) and creating the map's WebGL
-contexts (plotly makes two per WebGL figure; 0.3-0.6 s on SwiftShader). Drawn all at once, as before,
-the 10,000-panorama page drew its first figure at 2.3-3.7 s.
+(default 20,000; a seeded sample above), as SVG up to ``figures.WEBGL_ABOVE`` = 10,000 points in a
+figure and as WebGL (``scattergl``) above; at most ``--max-thumbnails`` panoramas (default 400) carry
+thumbnails. A page whose traces are all SVG inlines plotly.js's cartesian bundle (1.5 MB,
+``plotly_bundle``; vendor/README.md), one with WebGL or ``--tiles`` maps the full one (4.7 MB).
+Evaluating plotly.js is most of the first screen's cost: 0.6 s for the cartesian bundle against 1.2 s
+for the full one here, and WebGL adds its contexts (plotly makes two per WebGL figure; 0.3-0.6 s on
+SwiftShader). Measured by ``python -m bench.report`` on 2 CPU cores (headless Chromium, software WebGL,
+medians of 3 opens): at 10,000 panoramas (an 11 MiB page, SVG, the cartesian bundle) the first screen,
+the map, in 1.2 s [1.17-1.32] and every figure in 2.6 s, where WebGL and the full bundle took 2.1 s and
+3.2 s the same morning; at 20,000 (WebGL, the full bundle) 1.8 s and 2.8 s. Drawn all at once, with
+WebGL above 2,000 points, the 10,000-panorama page drew its first figure at 2.3-3.7 s.
 
 Everything that comes from the data (ids, labels, metadata, query texts) is escaped: as HTML text
 with ``html.escape``, and inside the JSON data blocks with ``</`` written ``<\\/`` so that no value
@@ -199,11 +201,32 @@ def figure_div(name: str, height: int = 0) -> str:
     return f'<div class="figure" id="fig-{esc(name)}"{style}></div>'
 
 
+# plotly.js's cartesian partial bundle (vendor/README.md): the SVG traces without WebGL and maps, 1.5 MB
+# against the full bundle's 4.7 MB, which Chromium evaluates in about half the time (0.6 s against 1.2 s
+# here: most of the first screen's cost).
+CARTESIAN_BUNDLE = Path(__file__).with_name("vendor") / "plotly-cartesian.min.js"
+CARTESIAN_TRACES = frozenset({"bar", "box", "contour", "heatmap", "histogram", "histogram2d", "histogram2dcontour", "image",
+                              "pie", "scatter", "scatterternary", "violin"})
+
+
+def plotly_bundle(figures: dict) -> tuple[str, str]:
+    """(plotly.js to inline, which: "cartesian 4.1.1" or "full 4.1.1"). The cartesian bundle where it is
+    plotly.py's own plotly.js version (the figure dicts are written for it) and has every trace type of
+    ``figures``; the full one otherwise (WebGL above ``figures.WEBGL_ABOVE`` points, ``--tiles`` maps)."""
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    version = get_plotlyjs_version()
+    kinds = {trace.get("type", "scatter") for fig in figures.values() if fig for trace in fig.get("data", ())}
+    if kinds <= CARTESIAN_TRACES and CARTESIAN_BUNDLE.is_file():
+        bundle = CARTESIAN_BUNDLE.read_text(encoding="utf-8")
+        if f"plotly.js (cartesian - minified) v{version}\n" in bundle[:200]:
+            return bundle, f"cartesian {version}"
+    return get_plotlyjs(), f"full {version}"
+
+
 def document_html(title: str, header: str, sections: list[tuple[str, str, str]], data: dict, warning: str | None = None) -> str:
     """The whole page: ``sections`` are (anchor, title, inner HTML); ``data`` goes to the script as JSON."""
-    from plotly.offline import get_plotlyjs
-
-    plotly_js = get_plotlyjs().replace("</script", "<\\/script")
+    plotly_js = plotly_bundle(data.get("figures", {}))[0].replace("</script", "<\\/script")
     nav = " ".join(f'<a href="#{esc(anchor)}">{esc(heading)}</a>' for anchor, heading, _ in sections)
     body = "".join(f'<section id="{esc(anchor)}"><h2>{esc(heading)}</h2>{inner}</section>' for anchor, heading, inner in sections)
     banner = f'<div class="warning" id="warning">{esc(warning)}</div>' if warning else ""
