@@ -509,7 +509,8 @@ class Engine:
             },
             "views": [asdict(view) for view in self.views],
             "vocabularies": {
-                name: {"template": v.template, "labels": len(v.labels)} for name, v in self.vocabularies.items()
+                name: {"template": v.template, "labels": len(v.labels), "labels_sha256": v.labels_hash}
+                for name, v in self.vocabularies.items()
             },
             "seed": self.config.seed if self.config.random_weights else None,  # of the untrained weights
             "decode_budget_mib": self.config.max_decode_mib,

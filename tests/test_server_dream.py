@@ -293,6 +293,31 @@ def test_mimetic_call_dream_writes_what_mimetic_dream_writes(models, server, pan
     assert cli.main(["call", "dream", server.address, str(path), "--prompt", "x", "--strength", "0", "--out", str(remote)]) == 2
 
 
+def test_mimetic_call_dream_records_a_vocabulary_only_the_server_has(models, dreamer, panoramas, tmp_path):
+    """--from-labels naming a vocabulary the server read from its own file: the dreams and dreams.json are written
+    with that vocabulary as the server has it (it used to be looked up on the calling machine, and nothing was recorded)."""
+    from engine.vocab import load_vocabulary
+
+    own = tmp_path / "server" / "lanes.json"
+    own.parent.mkdir()
+    own.write_text(json.dumps({"name": "lanes", "template": "a photograph of a {label}", "labels": ["narrow lane", "wide avenue"]}))
+    engine = Engine(EngineConfig(clip_model=models["clip"], views="ring4", top_k=2, vocabularies=(str(own),)))
+    path = tmp_path / "pond.jpg"
+    path.write_bytes(panoramas["pond"])
+    config = ServerConfig(port=0, metrics_port=0, max_dream_steps=40, max_dream_views=4)
+    with BackgroundServer(engine, config, dreamer=dreamer) as running:
+        assert cli.main(["call", "dream", running.address, str(path), "--from-labels", "street=lanes", "--steps", "4",
+                         "--strength", "0.5", "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "dreams.json").read_text())
+    expected = load_vocabulary(str(own))
+    assert record["placeholders"] == {"street": {"vocabulary": "lanes", "template": expected.template,
+                                                 "labels_sha256": expected.labels_hash}}
+    assert record["template"] == "a photograph of {street}"
+    dreams = record["panoramas"][0]["dreams"]
+    assert len(dreams) == 4 and all(d["prompt"] in ("a photograph of narrow lane", "a photograph of wide avenue") for d in dreams)
+    assert all((tmp_path / "out" / d["files"]["dream"]).is_file() for d in dreams)
+
+
 def test_sigterm_finishes_the_dreams_already_started_within_the_grace_period(models, panoramas):
     """`mimetic serve --sd-model` in a subprocess: a dream of 12 steps is running when SIGTERM comes; it is answered
     with its pixels, the next request is never read, and the process exits 0."""

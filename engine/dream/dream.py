@@ -318,11 +318,15 @@ def _meta(item) -> dict:
 
 
 def save_dreams(results: Sequence[DreamResult], out_dir: str | os.PathLike, *, engine: Engine, dreamer: Dreamer,
-                params: DreamParams, seconds: float = 0.0, captioner: Captioner | None = None) -> Path:
-    """Write each view and dream as PNGs (and trajectory frames), and ``out_dir/dreams.json``; return its path."""
+                params: DreamParams, seconds: float = 0.0, captioner: Captioner | None = None,
+                vocabularies: dict | None = None) -> Path:
+    """Write each view and dream as PNGs (and trajectory frames), and ``out_dir/dreams.json``; return its path.
+
+    ``vocabularies``: {placeholder: vocabulary (name, template, labels_hash)} of ``params.from_labels``, where
+    they were read elsewhere (a server's); by default they are loaded here."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocabularies = label_vocabularies(params.from_labels)
+    vocabularies = label_vocabularies(params.from_labels) if vocabularies is None else vocabularies
     record = _header("dream", dreamer, engine, params, seconds)
     record["template"] = params.resolved_template(vocabularies)
     if params.prompt_from == "caption" and captioner is not None:

@@ -312,7 +312,7 @@ def _call_dream(client, args, results: list) -> int:
     from engine.dream.dream import save_dreams
     from engine.dream.params import DreamParams
     from engine.pipeline import Panorama
-    from engine.serve.remote import stand_ins
+    from engine.serve.remote import server_vocabularies, stand_ins
 
     labels = tuple(part.strip() for part in (args.from_labels or "").split(",") if part.strip())
     params = DreamParams(
@@ -334,7 +334,8 @@ def _call_dream(client, args, results: list) -> int:
                 print(f"{result.id}: {len(result.dreams)} dreams, mean view<->dream cosine {mean:.3f}; first prompt: {result.dreams[0].prompt!r}")
             results.append(result)
     finally:  # what did come back is kept, also when the server went away
-        record = save_dreams(results, args.out, engine=engine, dreamer=dreamer, params=params, seconds=time.perf_counter() - start)
+        record = save_dreams(results, args.out, engine=engine, dreamer=dreamer, params=params, seconds=time.perf_counter() - start,
+                             vocabularies=server_vocabularies(info, params.from_labels))
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)} of {len(results)} panoramas dreamt -> {record}")
     return 1 if failed else 0

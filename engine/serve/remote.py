@@ -122,6 +122,18 @@ def failed_caption(panorama, exc: Exception):
 # -- mimetic call: the writers of mimetic dream and mimetic caption, on the server's info ----------
 
 
+def server_vocabularies(info: dict, from_labels) -> dict[str, SimpleNamespace]:
+    """{placeholder: (name, template, labels_hash)} of ``from_labels`` as the server's info has them: the
+    vocabularies the server read, which this machine may not have (a file given to ``mimetic serve``)."""
+    found = {}
+    for entry in from_labels:
+        key, name = _placeholder(entry), _vocabulary(entry)
+        vocabulary = info["vocabularies"][name]  # checked against the server's info at the call
+        found[key if "=" in entry else name] = SimpleNamespace(name=name, template=vocabulary["template"],
+                                                               labels_hash=vocabulary["labels_sha256"])
+    return found
+
+
 def stand_ins(info: dict) -> tuple[SimpleNamespace, SimpleNamespace]:
     """(engine, dreamer) for ``engine.dream.dream.save_dreams``: what its record says of the models, read
     from the server's info (``MimeticClient.info()``) instead of models loaded here."""

@@ -25,6 +25,7 @@ from google.protobuf import json_format, struct_pb2
 from engine.decode import DecodeError
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.types import EmbedResult
+from engine.vocab import Vocabulary
 from kernels import ViewSpec
 
 _FLOAT16 = np.dtype("<f2")
@@ -150,7 +151,10 @@ def info_from_proto(message: pb.Info) -> dict:
             "min_decode_width": message.reprojection.min_decode_width,
         },
         "views": [asdict(view_from_proto(view)) for view in message.views],
-        "vocabularies": {v.name: {"template": v.template, "labels": len(v.labels)} for v in message.vocabularies},
+        # labels_sha256 as Vocabulary.labels_hash: what a dream record names a server's vocabulary by
+        "vocabularies": {v.name: {"template": v.template, "labels": len(v.labels),
+                                  "labels_sha256": Vocabulary(v.name, v.template, tuple(v.labels)).labels_hash}
+                         for v in message.vocabularies},
         "seed": message.seed if message.HasField("seed") else None,
         "decode_budget_mib": message.decode_budget_mib,
         "precision": message.precision,
