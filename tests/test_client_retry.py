@@ -196,3 +196,42 @@ def test_grpc_s_own_internal_status_for_a_write_race_is_retried_and_a_server_s_i
     assert _retryable(error(grpc.StatusCode.INTERNAL, "Internal error from Core"))
     assert not _retryable(error(grpc.StatusCode.INTERNAL, "the model raised"))
     assert not _retryable(error(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token"))
+
+
+def test_a_full_stream_limit_is_waited_out_and_a_message_over_the_size_limit_is_not_retried(engine, blobs):
+    """--max-streams 1 held by another stream: the client's embed waits (RESOURCE_EXHAUSTED marked as passing,
+    retried with backoff) and gets every result once the slot frees; grpc core's RESOURCE_EXHAUSTED for an
+    oversized message carries no mark and is not retried."""
+    from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
+
+    config = ServerConfig(port=0, metrics_port=0, max_streams=1)
+    with BackgroundServer(engine, config) as server, grpc.insecure_channel(server.address) as channel:
+        release = threading.Event()
+
+        def held():  # a stream that sends nothing until released: it holds the one slot
+            release.wait(30)
+            yield from ()
+
+        holder = pb_grpc.MimeticStub(channel).Embed(held())
+        wait_for(lambda: server.server.service.open_streams == 1, what="the held stream")
+        consumer = Consumer(server.address, panoramas(blobs, 6), retry_budget_s=30)
+        consumer.start()
+        wait_for(lambda: metric(server, "mimetic_requests_total", method="Embed", code="RESOURCE_EXHAUSTED") >= 2,
+                 timeout=20, what="two refused tries")
+        assert consumer.is_alive() and consumer.received == [] and consumer.failure is None
+        release.set()
+        list(holder)
+        consumer.join(30)
+        assert consumer.failure is None and [r.id for r in consumer.received] == [f"p{k}" for k in range(6)]
+        assert all(r.error is None for r in consumer.received)
+
+    # What is retried: the server's marked refusal, not grpc core's RESOURCE_EXHAUSTED (a message over its size
+    # limit; the client itself answers such an item with its error before sending it).
+    from engine.serve.config import RETRY_LATER
+    from engine.serve.streaming import _retryable
+
+    def refusal(*trailing):
+        return grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing),
+                                    details="Received message larger than max (2097174 vs. 1048576)")
+
+    assert _retryable(refusal(RETRY_LATER)) and not _retryable(refusal()) and not _retryable(refusal(("mimetic-retry", "no")))

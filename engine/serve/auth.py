@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
+from engine.serve.config import RETRY_LATER
 from engine.serve.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Mimetic"].full_name  # "mimetic.v1.Mimetic"
@@ -173,6 +174,7 @@ class CallLimit(grpc.aio.ServerInterceptor):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.open} calls of this kind are open, the most this server takes at once; retry later",
+                trailing_metadata=(RETRY_LATER,),
             )
 
         if inspect.isasyncgenfunction(behaviour):

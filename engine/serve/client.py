@@ -26,8 +26,8 @@ Settings are checked when ``embed`` is called, before any request goes out: a vi
 the value; the blocking client also checks vocabularies, ``top_k`` and the view count against the
 server's info there. A setting error is one error, not one failure per panorama.
 
-Retries: a call that fails with UNAVAILABLE (no server yet, a restart, a server that drains) is tried
-again after an exponential backoff with jitter (``backoff_s``, doubling, each wait capped at
+Retries: a call that fails with UNAVAILABLE (no server yet, a restart, a server that drains), or with a
+RESOURCE_EXHAUSTED the server marks as passing (its ``--max-streams`` are all open), is tried again after an exponential backoff with jitter (``backoff_s``, doubling, each wait capped at
 ``max_backoff_s`` and drawn from its upper half so that clients spread out) for as long as the server
 has been silent for less than ``retry_budget_s`` (default 60 s; ``retries`` may cap the number of
 retries too). The budget counts from the first failure and starts afresh with each answer, so a long
@@ -41,7 +41,8 @@ iterates, after every result that had come back: in input order these are exactl
 ``error.delivered`` inputs, and ``error.unanswered`` lists the ids of the items read from the input
 that have no result. One exception, rather than an error result per item: the items not yet read
 from the input cannot have a result either, and a stream that ended with per-item errors would look
-like a batch that went on. Any status other than UNAVAILABLE is raised at once, as ``grpc.RpcError``.
+like a batch that went on. Any other status is raised at once, as ``grpc.RpcError`` (a message over the
+size limit, say, whose RESOURCE_EXHAUSTED is grpc core's and carries no such mark).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 DEFAULT_RETRY_BUDGET_S = 60.0  # how long a client keeps retrying an unavailable server (MimeticClient, mimetic call)
+# Trailing metadata on a RESOURCE_EXHAUSTED that will pass (the stream limit is full): the client retries it
+# as it retries UNAVAILABLE. grpc core's own RESOURCE_EXHAUSTED (a message over the size limit) has none.
+RETRY_LATER = ("mimetic-retry", "later")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from engine.proto.mimetic.v1 import mimetic_pb2_grpc as pb_grpc
 from engine.serve import generate, wire
 from engine.serve.answers import Answers
 from engine.serve.batching import Batcher
-from engine.serve.config import ServerConfig
+from engine.serve.config import RETRY_LATER, ServerConfig
 from engine.serve.metrics import Metrics
 from engine.serve.pool import DaemonPool
 from engine.serve.stream import _DRAINING, Item, ItemError, Stream, _Holds
@@ -147,6 +147,7 @@ class MimeticService(Answers, pb_grpc.MimeticServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server has {self.open_streams} Embed, Dream and Caption streams open, its limit (--max-streams "
                 f"{self.config.max_streams}): finish one, or retry later or elsewhere",
+                trailing_metadata=(RETRY_LATER,),
             )
         self.open_streams += 1
         self.idle.clear()

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from engine.decode import DecodeError, decode_image
 from engine.proto.mimetic.v1 import mimetic_pb2 as pb
 from engine.serve import wire
+from engine.serve.config import RETRY_LATER
 from engine.types import Panorama, check_panorama, read_bytes
 
 _END = object()
@@ -64,11 +65,14 @@ class _Outage:
 
 
 def _retryable(error: grpc.RpcError) -> bool:
-    """UNAVAILABLE; or the INTERNAL that grpc's asyncio client makes up when a write fails as the stream
-    ends (grpc/grpc#36066): it replaces the status the server sent, which a server going away (the
-    case here: a write in flight as its connection closes) sends as UNAVAILABLE. A status the server
-    really meant comes back on the next try."""
+    """UNAVAILABLE; a RESOURCE_EXHAUSTED the server marks as passing (``RETRY_LATER``: its stream limit
+    is full, and a stream will end); or the INTERNAL that grpc's asyncio client makes up when a write
+    fails as the stream ends (grpc/grpc#36066): it replaces the status the server sent, which a server
+    going away (the case here: a write in flight as its connection closes) sends as UNAVAILABLE. A
+    status the server really meant comes back on the next try."""
     code = error.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RETRY_LATER in tuple(error.trailing_metadata() or ())
     return code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.INTERNAL and error.details() == _WRITE_RACE)
 
 
