@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import json
 import os
 import warnings
 from collections import deque
@@ -513,6 +514,9 @@ class Engine:
                 for name, v in self.vocabularies.items()
             },
             "seed": self.config.seed if self.config.random_weights else None,  # of the untrained weights
+            # The settings as given, as JSON has them (lists, not tuples): what a results file records, so that
+            # `mimetic query` and `mimetic report` rebuild this model from a file made here or by a server.
+            "config": json.loads(json.dumps(asdict(self.config), default=str)),
             "decode_budget_mib": self.config.max_decode_mib,
             "batch_size": self.config.batch_size,
             "top_k": self.config.top_k,

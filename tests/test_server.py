@@ -459,3 +459,14 @@ def test_mimetic_call_embed_prints_readings_and_writes_parquet(engine, blobs, tm
     assert done.stderr.splitlines() == [f"{bad}: not a recognised image format (corrupt, or not an image)"], done.stderr
     table = pq.read_table(out)
     assert table.num_rows == 2 * (8 + 1) + 1  # a row per view and a pooled row per panorama, plus the error row
+    # The file records the server engine's settings, so `mimetic query` rebuilds its model and ranks the
+    # panoramas as it ranks the same panoramas embedded here.
+    from engine.ingest.query import query
+    from engine.results import read_engine_config, write_parquet
+
+    assert read_engine_config(out) == engine.info()["config"]
+    local = tmp_path / "local.parquet"
+    write_parquet(engine.embed([Panorama(id=str(f), data=f) for f in files]), local, engine.config)
+    served, here = (query(path, "a grand old museum", top=1) for path in (out, local))
+    assert [r["id"] for r in served.positive] == [r["id"] for r in here.positive]
+    assert served.positive[0]["score"] == pytest.approx(here.positive[0]["score"], abs=2e-3)

@@ -5,6 +5,7 @@ import asyncio
 import csv
 import threading
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -70,6 +71,15 @@ def test_caption_answers_per_view_and_mimetic_call_writes_what_mimetic_caption_w
                 assert float(b[name]) == pytest.approx(float(a[name]), abs=1e-6)  # float32 on the wire
             else:
                 assert a[name] == b[name], name
+    # As Parquet, as `mimetic caption` writes it: the same rows, and the engine settings that made them.
+    from engine.results import read_engine_config
+
+    local_table, remote_table = tmp_path / "local.parquet", tmp_path / "remote.parquet"
+    assert cli.main(["caption", str(path), "--out", str(local_table), "--caption-model", models["caption"], "--clip-model",
+                     models["clip"], "--views", "ring4", "--quiet"]) == 0
+    assert cli.main(["call", "caption", server.address, str(path), "--out", str(remote_table)]) == 0
+    assert read_engine_config(remote_table)["clip_model"] == read_engine_config(local_table)["clip_model"] == models["clip"]
+    assert pq.read_table(remote_table).column("caption").to_pylist() == pq.read_table(local_table).column("caption").to_pylist()
     # The response itself: a caption, a prompt and each flavour's label per view, in the order asked.
     [response] = list(stub(server).Caption(iter([caption_request(0, panoramas["louvre"], flavours=["styles", "mediums"])])))
     assert response.status.code == OK and [c.index for c in response.captions] == [0, 1, 2, 3]

@@ -218,7 +218,8 @@ def _write_parquet(captioned: Sequence[Captioned], path: Path, flavours: Sequenc
     arrays = [c if isinstance(c, pa.Array) else pa.array(c, f.type) for f, c in ((f, columns[f.name]) for f in CAPTION_SCHEMA)]
     metadata = None
     if engine_config is not None:
-        metadata = {b"mimetic": json.dumps({"table": "captions", "engine_config": dataclasses.asdict(engine_config)}, default=str)}
+        config = dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else dict(engine_config)
+        metadata = {b"mimetic": json.dumps({"table": "captions", "engine_config": config}, default=str)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.Table.from_arrays(arrays, schema=CAPTION_SCHEMA.with_metadata(metadata)), tmp)

@@ -278,7 +278,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
     tls = True if args.tls == "system" else args.tls
     token = token_from_args(args)
-    results = []
+    results, config = [], None
     try:
         with MimeticClient(args.address, token=token, tls=tls, retry_budget_s=args.retry_budget) as client:
             if args.call_command == "info":
@@ -287,19 +287,20 @@ def cmd_call(args: argparse.Namespace) -> int:
             if args.call_command in ("dream", "caption"):
                 return (_call_dream if args.call_command == "dream" else _call_caption)(client, args, results)
             vocabularies = [v.strip() for v in args.vocabularies.split(",") if v.strip()] if args.vocabularies else None
+            config = _served_config(client.info(), views=args.views, vocabularies=vocabularies, top_k=args.top_k)
             panoramas = (Panorama(id=path, data=path) for path in args.files)
             for result in client.embed(panoramas, views=args.views, vocabularies=vocabularies, top_k=args.top_k):
                 _print_readings(result)
                 results.append(result)
     except grpc.RpcError as exc:
         if results and args.out is not None and args.call_command == "embed":  # what did come back is kept
-            _write(results, args.out)
+            _write(results, args.out, config)
             print(f"{len(results)} results before the error -> {args.out}", file=sys.stderr)
         detail = str(exc) if isinstance(exc, ServerUnavailableError) else f"{args.address}: {exc.code().name}: {exc.details()}"
         print(f"mimetic call: error: {detail}", file=sys.stderr)
         return 1
     if args.out is not None:
-        _write(results, args.out)
+        _write(results, args.out, config)
     failed = sum(1 for r in results if r.error)
     print(f"{len(results) - failed} of {len(results)} panoramas embedded" + (f" -> {args.out}" if args.out else ""))
     return 1 if failed else 0
@@ -349,14 +350,15 @@ def _call_caption(client, args, results: list) -> int:
     if args.out.suffix.lower() not in (".csv", ".parquet"):
         raise ValueError(f"--out {args.out}: the captions file must end in .csv or .parquet")
     flavours = [part.strip() for part in args.flavours.split(",") if part.strip()] if args.flavours else None
+    info = client.info()
     if flavours is None:
-        flavours = list(client.info()["vocabularies"])  # the server's, in its order: what it answers with
+        flavours = list(info["vocabularies"])  # the server's, in its order: what it answers with
     panoramas = (Panorama(id=str(path), data=path) for path in args.files)
     try:
         results.extend(client.caption(panoramas, flavours=flavours, views=args.views, beams=args.caption_beams,
                                       max_tokens=args.caption_max_tokens))
     finally:  # what did come back is kept, also when the server went away
-        write_captions(results, args.out, flavours)
+        write_captions(results, args.out, flavours, _served_config(info))
     failed = [c for c in results if c.error]
     for item in failed:
         print(item.error, file=sys.stderr)
@@ -365,10 +367,18 @@ def _call_caption(client, args, results: list) -> int:
     return 1 if failed else 0
 
 
-def _write(results, path: Path) -> None:
+def _served_config(info: dict, **changed) -> dict | None:
+    """The server engine's EngineConfig (as JSON), with what this call changed (views, vocabularies, top_k): what
+    its results file records, so that `mimetic query` and `mimetic report` rebuild the model that made them."""
+    if not info.get("config"):
+        return None
+    return {**info["config"], **{name: value for name, value in changed.items() if value}}
+
+
+def _write(results, path: Path, config: dict | None) -> None:
     from engine.results import write_parquet
 
-    write_parquet(results, path)
+    write_parquet(results, path, config)
 
 
 def main(argv: list[str] | None = None) -> int:

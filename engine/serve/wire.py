@@ -16,6 +16,7 @@ The one module that knows both sides, so that ``server`` and ``client`` convert 
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -116,6 +117,7 @@ def info_to_proto(info: dict, *, limits: pb.Limits, dream: bool, view_presets, v
         attention=info["attention"],
         reprojection=pb.ReprojectionInfo(**info["reprojection"]),
         views=[pb.View(**view) for view in info["views"]],
+        engine_config_json=json.dumps(info["config"]),
         vocabularies=[
             pb.VocabularyInfo(name=name, template=v["template"], labels=vocabulary_labels[name])
             for name, v in info["vocabularies"].items()
@@ -156,6 +158,7 @@ def info_from_proto(message: pb.Info) -> dict:
                                   "labels_sha256": Vocabulary(v.name, v.template, tuple(v.labels)).labels_hash}
                          for v in message.vocabularies},
         "seed": message.seed if message.HasField("seed") else None,
+        "config": json.loads(message.engine_config_json) if message.engine_config_json else None,
         "decode_budget_mib": message.decode_budget_mib,
         "precision": message.precision,
         "precision_reason": message.precision_reason,

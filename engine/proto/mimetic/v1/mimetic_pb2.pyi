@@ -495,7 +495,7 @@ class CaptionInfo(_message.Message):
     def __init__(self, image_size: _Optional[_Iterable[int]] = ..., beams: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Info(_message.Message):
-    __slots__ = ("clip", "device", "dtype", "attention", "reprojection", "views", "vocabularies", "batch_size", "top_k", "versions", "limits", "dream", "view_presets", "seed", "decode_budget_mib", "models", "caption", "diffusion", "captioner", "precision", "precision_reason", "embedding_dtype")
+    __slots__ = ("clip", "device", "dtype", "attention", "reprojection", "views", "vocabularies", "batch_size", "top_k", "versions", "limits", "dream", "view_presets", "seed", "decode_budget_mib", "models", "caption", "diffusion", "captioner", "precision", "precision_reason", "embedding_dtype", "engine_config_json")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -525,6 +525,7 @@ class Info(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     clip: ClipInfo
     device: str
     dtype: str
@@ -547,4 +548,5 @@ class Info(_message.Message):
     precision: str
     precision_reason: str
     embedding_dtype: str
-    def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., reprojection: _Optional[_Union[ReprojectionInfo, _Mapping]] = ..., views: _Optional[_Iterable[_Union[View, _Mapping]]] = ..., vocabularies: _Optional[_Iterable[_Union[VocabularyInfo, _Mapping]]] = ..., batch_size: _Optional[int] = ..., top_k: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dream: _Optional[bool] = ..., view_presets: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., decode_budget_mib: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., caption: _Optional[bool] = ..., diffusion: _Optional[_Union[DreamInfo, _Mapping]] = ..., captioner: _Optional[_Union[CaptionInfo, _Mapping]] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., embedding_dtype: _Optional[str] = ...) -> None: ...
+    engine_config_json: str
+    def __init__(self, clip: _Optional[_Union[ClipInfo, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., reprojection: _Optional[_Union[ReprojectionInfo, _Mapping]] = ..., views: _Optional[_Iterable[_Union[View, _Mapping]]] = ..., vocabularies: _Optional[_Iterable[_Union[VocabularyInfo, _Mapping]]] = ..., batch_size: _Optional[int] = ..., top_k: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dream: _Optional[bool] = ..., view_presets: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., decode_budget_mib: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., caption: _Optional[bool] = ..., diffusion: _Optional[_Union[DreamInfo, _Mapping]] = ..., captioner: _Optional[_Union[CaptionInfo, _Mapping]] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., embedding_dtype: _Optional[str] = ..., engine_config_json: _Optional[str] = ...) -> None: ...
