@@ -174,7 +174,7 @@ def column_values(corpus: Corpus, column: str) -> tuple[np.ndarray, dict]:
     ("unknown") is left out and counted apart. A column no panorama has, or one without a single
     number, is a ReportError that lists what there is.
     """
-    from engine.ingest.inputs import _number
+    from engine.ingest.inputs import finite_number
 
     values = np.full(len(corpus), np.nan)
     missing = not_numeric = 0
@@ -190,7 +190,7 @@ def column_values(corpus: Corpus, column: str) -> tuple[np.ndarray, dict]:
         if cell is None or (isinstance(cell, str) and not cell.strip()):
             missing += 1
             continue
-        number = _number(cell)
+        number = finite_number(cell)
         if number is None:
             not_numeric += 1
             example = example or (corpus.ids[k], cell)

@@ -383,7 +383,8 @@ def _feature_row(feature: dict) -> dict:
     return row
 
 
-def _number(value) -> float | None:
+def finite_number(value) -> float | None:
+    """A finite float from a metadata value (a number or its text), or None: booleans, blanks, text, NaN and inf."""
     if isinstance(value, bool) or value in (None, ""):
         return None
     try:
@@ -402,16 +403,16 @@ def _first(meta: dict, columns: Sequence[str]):
 
 def canonical_fields(meta: dict) -> dict:
     """lat, lon (degrees), heading (degrees clockwise from north, in [0, 360)) and captured_at (text)."""
-    lat, lon = _number(_first(meta, LAT_COLUMNS)), _number(_first(meta, LON_COLUMNS))
+    lat, lon = finite_number(_first(meta, LAT_COLUMNS)), finite_number(_first(meta, LON_COLUMNS))
     geometry = meta.get("geometry") or meta.get("computed_geometry")
     coordinates = geometry.get("coordinates") if isinstance(geometry, dict) and geometry.get("type") == "Point" else None
     if (lat is None or lon is None) and isinstance(coordinates, list) and len(coordinates) >= 2:
-        lon, lat = _number(coordinates[0]), _number(coordinates[1])
+        lon, lat = finite_number(coordinates[0]), finite_number(coordinates[1])
     if lat is not None and not -90 <= lat <= 90:
         lat = None
     if lon is not None and not -180 <= lon <= 180:
         lon = None
-    heading = _number(_first(meta, HEADING_COLUMNS))
+    heading = finite_number(_first(meta, HEADING_COLUMNS))
     return {
         "lat": lat,
         "lon": lon,
@@ -424,7 +425,7 @@ def _timestamp(value) -> str | None:
     """Epoch seconds or milliseconds (Mapillary's captured_at) -> ISO 8601 UTC; text stays as it is."""
     if value is None:
         return None
-    number = _number(value)
+    number = finite_number(value)
     if number is None or (isinstance(value, str) and not value.strip().lstrip("-").replace(".", "", 1).isdigit()):
         return str(value)
     seconds = number / 1000.0 if abs(number) >= 1e11 else number
