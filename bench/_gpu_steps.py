@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._results import PANORAMAS
+
 REPO = Path(__file__).resolve().parents[1]
-PANO = REPO.parent / "shared" / "panoramas" / "louvre.jpg"
+PANO = PANORAMAS / "louvre.jpg"
 
 
 class Step:

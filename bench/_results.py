@@ -7,6 +7,7 @@ reference results, which a run never writes: copy a run's file there to make it 
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -16,6 +17,10 @@ from engine.models.device import package_versions
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed reference results
 RUNS_DIR = Path(__file__).resolve().parent / "runs"  # each run's JSON, by default (gitignored)
 OUT_HELP = "folder for the JSON result, or a .json file (default bench/runs/, not tracked by git)"
+# The real panoramas live beside the checkout, in <root>/shared/panoramas, never in it. $MIMETIC_PANORAMAS
+# names another folder: on a machine that gets the checkout alone (a lent GPU), a copy carried into an
+# ignored folder of it. tests/conftest.py reads the same variable.
+PANORAMAS = Path(os.environ.get("MIMETIC_PANORAMAS") or Path(__file__).resolve().parents[2] / "shared" / "panoramas").resolve()
 
 
 versions = package_versions  # the installed version of each distribution, None where it is missing

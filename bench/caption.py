@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._results import OUT_HELP, versions, write_result
+from bench._results import OUT_HELP, PANORAMAS, versions, write_result
 
-PANORAMA = Path(__file__).resolve().parents[2] / "shared" / "panoramas" / "louvre.jpg"
+PANORAMA = PANORAMAS / "louvre.jpg"
 
 
 def cpu_model() -> str:

@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._results import OUT_HELP, versions, write_result
+from bench._results import OUT_HELP, PANORAMAS, versions, write_result
 from bench.reproject import cpu_model
 from engine import Engine, EngineConfig, Panorama
 from kernels.geometry import py360convert_fov
 
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_PANO = BENCH_DIR.parents[1] / "shared" / "panoramas" / "louvre.jpg"
+DEFAULT_PANO = PANORAMAS / "louvre.jpg"
 TARGET_FRACTION_OF_MODEL = 0.9
 TARGET_GPU_VIEWS_PER_S = 15_000  # ViT-B/32, fp16, end to end from JPEG bytes, on an H100 or H200
 TARGET_AUTO_OVER_FP32 = 2.0  # the CPU engine at bf16 over itself at fp32, where bf16 is native (AMX)

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench._results import RESULTS_DIR, write_result
+from bench._results import PANORAMAS, RESULTS_DIR, write_result
 
 TOTAL_BUDGET_S = 8 * 60  # on one H100 or H200, start to finish
 ANCHORS = {
@@ -116,6 +116,16 @@ def child(function: str, budget_s: float, partial: Path) -> int:
     step.put("_started", time.time())
     getattr(importlib.import_module(module), name)(step)
     return 0
+
+
+def panoramas_problem() -> str | None:
+    """Why the steps cannot read the shared panoramas, or None. A machine that is sent the checkout alone
+    lacks <root>/shared beside it: copy them into an ignored folder of the checkout that travels with it,
+    and name it in $MIMETIC_PANORAMAS."""
+    if (PANORAMAS / "louvre.jpg").is_file():
+        return None
+    return (f"no louvre.jpg in {PANORAMAS}: copy ../shared/panoramas into the checkout (an ignored folder, e.g. "
+            ".panoramas/) and set MIMETIC_PANORAMAS=.panoramas")
 
 
 def dry_run(steps) -> tuple[bool, list[dict]]:
@@ -201,6 +211,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    panoramas = panoramas_problem()
     if args.dry_run or not torch.cuda.is_available():
         if not args.dry_run:
             print("no CUDA device here: nothing to measure; this is the dry run (--dry-run)")
@@ -215,7 +226,11 @@ def main(argv=None) -> int:
                 print(f"{'':<23}optional, not installed (its cases are skipped): {line}")
         print(f"{'summary':<13}{'0':>7}s  each figure beside its anchor (computed from the steps' JSON)")
         print(f"total budget {total} s with process starts (limit {TOTAL_BUDGET_S} s); imports {'all resolve' if ok else 'MISSING (see above)'}")
-        return 0 if ok else 1
+        print(f"panoramas: {panoramas or f'{PANORAMAS} (found)'}")
+        return 0 if ok and not panoramas else 1
+    if panoramas:  # every step but the first reads them: no GPU minute goes on steps that cannot run
+        print(f"python -m bench.gpu: {panoramas}", file=sys.stderr)
+        return 2
 
     device = torch.cuda.get_device_name(0)
     date = dt.date.today().isoformat()

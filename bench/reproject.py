@@ -49,13 +49,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._results import OUT_HELP, cuda_median, versions, write_result
+from bench._results import OUT_HELP, PANORAMAS, cuda_median, versions, write_result
 from kernels import ViewSpec, reproject
 from kernels.geometry import output_affine, py360convert_fov, view_params
 from kernels.grid_sample import project_views
 
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_PANO = BENCH_DIR.parents[1] / "shared" / "panoramas" / "louvre.jpg"
+DEFAULT_PANO = PANORAMAS / "louvre.jpg"
 VIEWS = [ViewSpec(yaw=45.0 * i, pitch=0.0, fov=90.0, width=224, height=224) for i in range(8)]
 TARGETS = {  # speed-ups over the named baseline that the CPU kernel is meant to reach
     "numba": {"py360convert": 10.0, "grid_sample": 1.5},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-PANORAMAS = ROOT.parent / "shared" / "panoramas"
+PANORAMAS = Path(os.environ.get("MIMETIC_PANORAMAS") or ROOT.parent / "shared" / "panoramas")  # as bench._results
 SHOW = """new Promise(done => {
   const select = document.getElementById('map-query');
   select.value = 'query:0'; select.dispatchEvent(new Event('change'));

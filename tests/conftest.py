@@ -24,7 +24,9 @@ if TRITON_DEVICE == "cpu":
 os.environ.setdefault("MIMETIC_PRECISION", "fp32")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PANORAMAS = Path(__file__).resolve().parents[2] / "shared" / "panoramas"
+# <root>/shared/panoramas, or $MIMETIC_PANORAMAS (as bench._results.PANORAMAS: a copy carried to a machine
+# that gets the checkout alone).
+PANORAMAS = Path(os.environ.get("MIMETIC_PANORAMAS") or Path(__file__).resolve().parents[2] / "shared" / "panoramas").resolve()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,7 +43,8 @@ def pytest_collection_modifyitems(config, items):
 def panoramas_dir() -> Path:
     """The shared panoramas directory, ``<root>/shared/panoramas`` (``axes.png``, ``louvre.jpg``, ...)."""
     if not PANORAMAS.is_dir():
-        pytest.fail(f"shared panoramas not found at {PANORAMAS}: the repo must sit at <root>/main next to <root>/shared")
+        pytest.fail(f"shared panoramas not found at {PANORAMAS}: the repo must sit at <root>/main next to <root>/shared, "
+                    "or $MIMETIC_PANORAMAS name a copy of them")
     return PANORAMAS
 
 

@@ -96,3 +96,22 @@ def test_summary_puts_each_figure_beside_its_anchor():
     sd = rows[("SD-1.5 UNet loop 512^2 batch 1, best it/s", "stable-fast 104.6 it/s on an H100")]
     assert sd["value"] == 80.0 and sd["ratio"] == 80.0 / 104.6
     assert rows[("nvJPEG 4K panoramas/s", "2,000/s feeds 16,000 views/s")]["ratio"] == 0.5
+
+
+def test_the_panoramas_are_checked_before_any_step_and_may_be_elsewhere(tmp_path):
+    """A GPU machine gets the checkout alone, without <root>/shared beside it: the dry run says so and fails, and
+    $MIMETIC_PANORAMAS names a copy carried into the checkout."""
+    import os
+    import shutil
+
+    from bench._results import PANORAMAS
+
+    env = {**os.environ, "MIMETIC_PANORAMAS": str(tmp_path / "nowhere")}
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 1 and "no louvre.jpg in" in done.stdout and "MIMETIC_PANORAMAS" in done.stdout
+    shutil.copy(PANORAMAS / "louvre.jpg", tmp_path / "louvre.jpg")
+    env["MIMETIC_PANORAMAS"] = str(tmp_path)
+    probe = "from bench import reproject, _gpu_steps; print(reproject.DEFAULT_PANO, _gpu_steps.PANO)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout.split() == [str(tmp_path.resolve() / "louvre.jpg")] * 2, done.stderr

@@ -149,7 +149,7 @@ def test_a_bench_run_leaves_the_reference_results_alone(monkeypatch, tmp_path, c
     from bench import _results, reproject
 
     small = tmp_path / "small.png"
-    Image.open(REPO_ROOT.parent / "shared" / "panoramas" / "louvre.jpg").resize((256, 128)).save(small)
+    Image.open(_results.PANORAMAS / "louvre.jpg").resize((256, 128)).save(small)
     monkeypatch.setattr(reproject, "DEFAULT_PANO", small)  # a small panorama keeps the run to seconds
     results = _results.RESULTS_DIR
     before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
