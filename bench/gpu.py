@@ -25,6 +25,7 @@ The JSON goes to ``bench/results/gpu-<device>-<date>.json`` (or ``--out``). ``--
 needs no CUDA, lists the steps with their budgets and checks that every import they need resolves.
 
     python -m bench.gpu [--dry-run] [--steps tests,kernel] [--out DIR]
+    python -m bench.gpu --carry    # here, before: what the GPU machine lacks, into .device/ (README)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._gpu_carry import DEVICE_DIR, carry
 from bench._results import PANORAMAS, RESULTS_DIR, write_result
 
 TOTAL_BUDGET_S = 8 * 60  # on one H100 or H200, start to finish
@@ -120,12 +122,12 @@ def child(function: str, budget_s: float, partial: Path) -> int:
 
 def panoramas_problem() -> str | None:
     """Why the steps cannot read the shared panoramas, or None. A machine that is sent the checkout alone
-    lacks <root>/shared beside it: copy them into an ignored folder of the checkout that travels with it,
-    and name it in $MIMETIC_PANORAMAS."""
+    lacks <root>/shared beside it: ``python -m bench.gpu --carry`` copies them into the checkout's ignored
+    ``.device/``, which travels with it, and $MIMETIC_PANORAMAS names the copy."""
     if (PANORAMAS / "louvre.jpg").is_file():
         return None
-    return (f"no louvre.jpg in {PANORAMAS}: copy ../shared/panoramas into the checkout (an ignored folder, e.g. "
-            ".panoramas/) and set MIMETIC_PANORAMAS=.panoramas")
+    return (f"no louvre.jpg in {PANORAMAS}: run python -m bench.gpu --carry where the checkout sits beside ../shared, send "
+            ".device/ along, and set MIMETIC_PANORAMAS=.device/panoramas")
 
 
 def dry_run(steps) -> tuple[bool, list[dict]]:
@@ -191,6 +193,9 @@ def summary(steps: dict) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[1])
     parser.add_argument("--dry-run", action="store_true", help="list the steps with their budgets and check their imports (no CUDA needed)")
+    parser.add_argument("--carry", nargs="?", const=DEVICE_DIR, type=Path, default=None, metavar="DIR",
+                        help="here, before a GPU is lent: put the wheels and the panoramas the GPU machine lacks into DIR "
+                             "(default .device/ in the checkout), to send along with it")
     parser.add_argument("--steps", default=None, help=f"comma-separated subset of: {', '.join(s.name for s in STEPS)}")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="folder or .json file (default bench/results/)")
     parser.add_argument("--quick", action="store_true", help="accepted for bench.run_all; the budgets already bound the run")
@@ -200,6 +205,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.run_step:
         return child(args.run_step, args.budget, args.partial)
+    if args.carry is not None:
+        return carry(args.carry)
 
     steps = STEPS
     if args.steps:

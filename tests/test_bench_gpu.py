@@ -115,3 +115,38 @@ def test_the_panoramas_are_checked_before_any_step_and_may_be_elsewhere(tmp_path
     probe = "from bench import reproject, _gpu_steps; print(reproject.DEFAULT_PANO, _gpu_steps.PANO)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert done.stdout.split() == [str(tmp_path.resolve() / "louvre.jpg")] * 2, done.stderr
+
+
+def test_the_tests_step_selects_every_test_marked_cuda_and_the_triton_ones():
+    from bench import _gpu_steps
+
+    def collected(*args):
+        done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-p", "no:cacheprovider", *args],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        return {line for line in done.stdout.splitlines() if "::" in line}
+
+    marked = collected("-m", "cuda", "tests")
+    chosen = collected(*_gpu_steps.GPU_TEST_FILES, "-k", _gpu_steps.GPU_TESTS)
+    assert marked and marked <= chosen
+    assert any("triton" in name for name in chosen - marked)  # the Triton tests, on the GPU there
+
+
+def test_gpu_carry_prepares_wheels_for_the_gpu_image_and_the_panoramas(tmp_path):
+    """What the GPU machine lacks, from PyPI (which CI reaches too): a CPython 3.12 wheel of each carried package,
+    at the version installed here, and the panoramas; under the 64 MiB a checkout may carry."""
+    from importlib.metadata import version
+
+    from bench import _gpu_carry as gpu_carry
+    from bench._results import PANORAMAS
+
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--carry", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    wheels = sorted(p.name for p in (tmp_path / "wheels").glob("*.whl"))
+    assert len(wheels) == len(gpu_carry.CARRIED)
+    for name in gpu_carry.CARRIED:
+        stem = f"{name.replace('-', '_')}-{version(name)}-"
+        assert any(w.lower().startswith(stem.lower()) for w in wheels), (name, wheels)
+    assert all("-none-any" in w or "cp312" in w or "abi3" in w for w in wheels)
+    assert sorted(p.name for p in (tmp_path / "panoramas").iterdir()) == sorted(p.name for p in PANORAMAS.iterdir())
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) < 48 * 2**20
