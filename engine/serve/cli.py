@@ -287,9 +287,11 @@ def cmd_call(args: argparse.Namespace) -> int:
             if args.call_command in ("dream", "caption"):
                 return (_call_dream if args.call_command == "dream" else _call_caption)(client, args, results)
             vocabularies = [v.strip() for v in args.vocabularies.split(",") if v.strip()] if args.vocabularies else None
-            config = _served_config(client.info(), views=args.views, vocabularies=vocabularies, top_k=args.top_k)
             panoramas = (Panorama(id=path, data=path) for path in args.files)
-            for result in client.embed(panoramas, views=args.views, vocabularies=vocabularies, top_k=args.top_k):
+            # The call checks its settings first (a typo is one line, before any connection), then the server's info.
+            stream = client.embed(panoramas, views=args.views, vocabularies=vocabularies, top_k=args.top_k)
+            config = _served_config(client.info(), views=args.views, vocabularies=vocabularies, top_k=args.top_k)
+            for result in stream:
                 _print_readings(result)
                 results.append(result)
     except grpc.RpcError as exc:
