@@ -293,6 +293,25 @@ def test_mimetic_call_dream_writes_what_mimetic_dream_writes(models, server, pan
     assert cli.main(["call", "dream", server.address, str(path), "--prompt", "x", "--strength", "0", "--out", str(remote)]) == 2
 
 
+def test_serving_means_the_dreamer_has_run_once(engine, dreamer, monkeypatch):
+    """The warm-up runs one unguided denoising step of one view before health says SERVING, so the first Dream
+    does not pay for the kernel's SD specialisation and the models' first calls."""
+    calls = []
+    real = dreamer.img2img
+
+    def counted(images, **options):
+        calls.append((tuple(images.shape), options["steps"], options["guidance"]))
+        return real(images, **options)
+
+    monkeypatch.setattr(dreamer, "img2img", counted)
+    with BackgroundServer(engine, ServerConfig(port=0), dreamer=dreamer) as running:
+        channel = grpc.insecure_channel(running.address)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert calls == [((1, 3, dreamer.size, dreamer.size), 1, 1.0)]
+        channel.close()
+
+
 def test_mimetic_call_dream_records_a_vocabulary_only_the_server_has(models, dreamer, panoramas, tmp_path):
     """--from-labels naming a vocabulary the server read from its own file: the dreams and dreams.json are written
     with that vocabulary as the server has it (it used to be looked up on the calling machine, and nothing was recorded)."""

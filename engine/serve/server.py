@@ -195,8 +195,9 @@ class MimeticServer:
         loop keeps answering health checks, and a stop while the models load does not wait for them), then serve."""
         def build():
             engine = self._engine_or_factory
-            engine = _warmed_up(engine if isinstance(engine, Engine) else engine())
+            engine = engine if isinstance(engine, Engine) else engine()
             dreamer, captioner = (model() if callable(model) else model for model in (self._dreamer, self._captioner))
+            warm_up(engine, dreamer, captioner)
             return engine, dreamer, captioner, model_infos(engine, dreamer, captioner)
 
         engine, dreamer, captioner, models = await _in_daemon_thread(build, "mimetic-load")
@@ -263,11 +264,19 @@ class MimeticServer:
             self._metrics_http.server_close()
 
 
-def _warmed_up(engine: Engine) -> Engine:
-    """Run the Engine once on a blank panorama, so that the first request does not pay for the kernels'
-    compilation and the model's first call (seconds on a CPU): SERVING means ready."""
-    engine.embed([Panorama(id="warm-up", data=np.zeros((64, 128, 3), np.uint8))])
-    return engine
+def warm_up(engine: Engine, dreamer=None, captioner=None) -> None:
+    """Run each model once on a blank input, so that the first request of each kind does not pay for the
+    kernels' compilation and the model's first call (seconds on a CPU; cuDNN's and Triton's set-up on a
+    GPU): SERVING means ready. The Dreamer runs one denoising step of one view, unguided."""
+    blank = np.zeros((64, 128, 3), np.uint8)
+    engine.embed([Panorama(id="warm-up", data=blank)])
+    if dreamer is not None:
+        from kernels import ViewSpec
+
+        view = dreamer.render([blank], [ViewSpec()])[0]
+        dreamer.img2img(view, prompts=[""], strength=1.0, steps=1, guidance=1.0, seeds=[0])
+    if captioner is not None:
+        captioner.caption(captioner.pixels_of([np.zeros((*captioner.image_size, 3), np.uint8)]))
 
 
 async def _in_daemon_thread(work: Callable[[], object], name: str):
