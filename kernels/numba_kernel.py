@@ -168,7 +168,7 @@ def _filter_run_vectors(typingctx, pano, starts, row_weights, rows, first, inv_h
         copysign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(doubles, [doubles, doubles]), f"llvm.copysign.{suffix}")
         one, half = ir.Constant(doubles, [1.0] * _BLOCK), ir.Constant(doubles, [0.5] * _BLOCK)
 
-        def tent_cdf(u):  # as tent_cdf below, on _BLOCK lanes
+        def tent_cdf(u):  # as tent_cdf above, on _BLOCK lanes
             u = builder.select(builder.fcmp_ordered(">", u, one), one, u)
             u = builder.select(builder.fcmp_ordered("<", u, builder.fneg(one)), builder.fneg(one), u)
             a = builder.fsub(one, builder.call(fabs, [u]))
