@@ -96,15 +96,28 @@ def read_labels(value: list[dict] | None) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
+def rows_table(rows: list[dict], labels: list[dict | None], embeddings: list, *, schema: pa.Schema = SCHEMA,
+               engine_config=None, table: str = "results") -> pa.Table:
+    """Rows of ``schema``'s plain columns (a dict each; a column left out is null), with each row's labels and
+    embedding (None: null) -> a table of ``schema``; ``engine_config`` (a dataclass or a dict) goes into its
+    metadata, under ``table``: what ``read_engine_config`` reads back."""
+    columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
+    columns["labels"] = label_lists(labels)
+    columns["embedding"] = pa.array(embeddings, EMBEDDING)
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c, f.type) for f, c in ((f, columns[f.name]) for f in schema)]
+    metadata = None
+    if engine_config is not None:
+        config = dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else dict(engine_config)
+        metadata = {METADATA_KEY: json.dumps({"table": table, "engine_config": config}, default=str)}
+    return pa.Table.from_arrays(arrays, schema=schema.with_metadata(metadata))
+
+
 def results_table(results, engine_config=None) -> pa.Table:
     """EmbedResults -> the results table (``SCHEMA``); ``engine_config`` goes into the schema metadata."""
-    columns: dict[str, list] = {f.name: [] for f in SCHEMA}
+    rows: list[dict] = []
     labels: list[dict | None] = []
     embeddings: list = []
-
-    def add(**row):
-        for name in columns:
-            columns[name].append(row.get(name))
+    add = lambda **row: rows.append(row)  # noqa: E731
 
     for result in results:
         meta = json.dumps(result.meta, default=str)
@@ -122,14 +135,7 @@ def results_table(results, engine_config=None) -> pa.Table:
         add(id=result.id, kind="pooled", meta=meta)
         labels.append({name: r["pooled"] for name, r in result.readings.items()})
         embeddings.append(result.pooled.float().numpy().astype(np.float16))
-    columns["labels"] = label_lists(labels)
-    columns["embedding"] = pa.array(embeddings, EMBEDDING)
-    arrays = [c if isinstance(c, pa.Array) else pa.array(c, f.type) for f, c in ((f, columns[f.name]) for f in SCHEMA)]
-    metadata = {}
-    if engine_config is not None:
-        config = dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else dict(engine_config)
-        metadata[METADATA_KEY] = json.dumps({"table": "results", "engine_config": config}, default=str)
-    return pa.Table.from_arrays(arrays, schema=SCHEMA.with_metadata(metadata or None))
+    return rows_table(rows, labels, embeddings, engine_config=engine_config)
 
 
 def read_engine_config(path: str | os.PathLike) -> dict:

@@ -32,7 +32,7 @@ from engine.decode import DecodeError, decode_image, required_width
 from engine.dream.core import clip_embed, from_uint8
 from engine.models.caption import Captioner, check_generation
 from engine.pipeline import Engine, Panorama
-from engine.results import SCHEMA, label_lists, write_csv
+from engine.results import SCHEMA, rows_table, write_csv
 from engine.types import Prepared
 from kernels import ViewSpec
 
@@ -191,37 +191,24 @@ CAPTION_SCHEMA = pa.schema([*SCHEMA, pa.field("caption", pa.string()), pa.field(
 
 
 def _write_parquet(captioned: Sequence[Captioned], path: Path, flavours: Sequence[str], engine_config) -> Path:
-    import dataclasses
-    import json
-
-    columns: dict[str, list] = {f.name: [] for f in CAPTION_SCHEMA}
-    labels, embeddings = [], []
+    """The results schema's view rows (``rows_table``) with each view's caption and prompt, written atomically."""
+    rows, labels, embeddings = [], [], []
     for item in captioned:
         base = {"id": item.id, "meta": "{}"}
         if item.error is not None:
-            rows = [{**base, "kind": "error", "error": item.error}]
+            rows.append({**base, "kind": "error", "error": item.error})
             labels.append(None)
             embeddings.append(None)
-        else:
-            rows = []
-            for k, view in enumerate(item.views):
-                where = {} if item.plain else {"view": k, "yaw": view.yaw, "pitch": view.pitch, "roll": view.roll,
-                                               "fov": view.fov, "width": view.width, "height": view.height}
-                rows.append({**base, **where, "kind": "view", "caption": item.captions[k], "prompt": item.prompts[k]})
-                labels.append({name: [item.flavours[k][name]] for name in flavours})
-                embeddings.append(item.embeddings[k].float().numpy().astype(np.float16))
-        for row in rows:
-            for name in columns:
-                columns[name].append(row.get(name))
-    columns["labels"] = label_lists(labels)
-    columns["embedding"] = pa.array(embeddings, SCHEMA.field("embedding").type)
-    arrays = [c if isinstance(c, pa.Array) else pa.array(c, f.type) for f, c in ((f, columns[f.name]) for f in CAPTION_SCHEMA)]
-    metadata = None
-    if engine_config is not None:
-        config = dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else dict(engine_config)
-        metadata = {b"mimetic": json.dumps({"table": "captions", "engine_config": config}, default=str)}
+            continue
+        for k, view in enumerate(item.views):
+            where = {} if item.plain else {"view": k, "yaw": view.yaw, "pitch": view.pitch, "roll": view.roll,
+                                           "fov": view.fov, "width": view.width, "height": view.height}
+            rows.append({**base, **where, "kind": "view", "caption": item.captions[k], "prompt": item.prompts[k]})
+            labels.append({name: [item.flavours[k][name]] for name in flavours})
+            embeddings.append(item.embeddings[k].float().numpy().astype(np.float16))
+    table = rows_table(rows, labels, embeddings, schema=CAPTION_SCHEMA, engine_config=engine_config, table="captions")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_arrays(arrays, schema=CAPTION_SCHEMA.with_metadata(metadata)), tmp)
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
