@@ -164,3 +164,28 @@ def test_plan_actors_counts_the_machines_cpus_when_ray_reports_none(monkeypatch)
     assert distributed.plan_actors(EngineConfig(), {}, None) == (3, 4.0, 0.0)
     monkeypatch.setattr(distributed.os, "cpu_count", lambda: None)  # os.cpu_count() may not know
     assert distributed.plan_actors(EngineConfig(), {}, None) == (1, 1.0, 0.0)
+
+
+def test_a_ray_run_with_captions_gives_the_local_run_s_captions(tmp_path, louvre, jordan_pond, tiny_clip, local_ray):
+    """--captions on Ray: each actor loads its own captioner beside its Engine, and the views table holds the same
+    captions and interrogator prompts as a local run of the same dump."""
+    from PIL import Image
+
+    from engine.config import CaptionSettings
+    from engine.ingest.ray import ingest_ray
+    from engine.ingest.run import read_run
+    from engine.models.tiny_caption import make_tiny_caption
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    for name, pano in (("louvre", louvre), ("pond", jordan_pond)):
+        Image.fromarray(pano).resize((512, 256), Image.Resampling.BILINEAR).save(dump / f"{name}.jpg", quality=90)
+    config = EngineConfig(clip_model=tiny_clip, views="ring4", batch_size=16, top_k=2, vocabularies=("styles",))
+    captions = CaptionSettings(str(make_tiny_caption(tmp_path / "models")), beams=1, max_tokens=6, flavours=("mediums",))
+    local = ingest(dump, tmp_path / "local", config=config, quiet=True, captions=captions, shard_size=1)
+    remote = ingest_ray(dump, tmp_path / "ray", config=config, quiet=True, captions=captions, shard_size=1, actors=2)
+    assert local["complete"] and remote["complete"] and remote["panoramas"] == 2
+    rows = {name: sorted((r["id"], r["view"], r["caption"], r["prompt"]) for r in read_run(tmp_path / name, "views").to_pylist())
+            for name in ("local", "ray")}
+    assert rows["ray"] == rows["local"] and len(rows["ray"]) == 8
+    assert all(caption is not None and prompt for _, _, caption, prompt in rows["ray"])
