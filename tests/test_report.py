@@ -326,5 +326,13 @@ def test_the_cartesian_bundle_is_used_only_for_its_traces_and_plotly_py_s_own_ve
     for kind in ("scattergl", "scattermap"):  # WebGL above WEBGL_ABOVE points; --tiles
         script, which = plotly_bundle({"map": {"data": [{"type": "scatter"}, {"type": kind}]}})
         assert which == f"full {version}" and script == plotly.offline.get_plotlyjs()
+    # The vendored file is npm's, byte for byte (vendor/README.md records its sha256 before gzip).
+    import gzip
+    import hashlib
+
+    from engine.analysis.page import CARTESIAN_BUNDLE
+
+    recorded = (CARTESIAN_BUNDLE.parent / "README.md").read_text()
+    assert hashlib.sha256(gzip.decompress(CARTESIAN_BUNDLE.read_bytes())).hexdigest() in recorded
     monkeypatch.setattr(plotly.offline, "get_plotlyjs_version", lambda: "9.9.9")  # plotly.py upgraded past the vendored file
     assert plotly_bundle(svg)[1] == "full 9.9.9"
